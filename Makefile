@@ -1,0 +1,78 @@
+# aimass: the two commands a newcomer types are `make demo` and `make test`.
+# Everything installs itself into .venv (Python 3.11) and node_modules.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BUF := node_modules/.bin/buf
+PROTO_FILES := $(shell find protos/aimass -name '*.proto')
+PROTO_STAMP := gen/python/.stamp
+INSTALL_STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help demo test lint format protos buf-lint up down status clean
+
+help:
+	@echo "make demo    start the embedded stack, run the pipeline, print what happened"
+	@echo "make test    run the whole test suite (real NATS, PostgreSQL, S3 server, Triton)"
+	@echo "make lint    ruff and buf lint"
+	@echo "make protos  regenerate the Python code of protos/ into gen/python"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# grpcio-tools comes first: the package maps gen/python into aimass.*, so the
+# code must be generated before the package is installed.
+$(PROTO_STAMP): $(PROTO_FILES) $(VENV)/bin/python
+	$(PIP) install --quiet "grpcio-tools>=1.66" "googleapis-common-protos>=1.65"
+	rm -rf gen/python && mkdir -p gen/python
+	$(PY) -m grpc_tools.protoc -I protos -I protos/third_party \
+		--python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python \
+		$(PROTO_FILES)
+	find gen/python/aimass -type d -exec touch {}/__init__.py \;
+	touch $@
+
+protos: $(PROTO_STAMP)
+
+$(INSTALL_STAMP): pyproject.toml setup.py $(PROTO_STAMP)
+	$(PIP) install --quiet -e ".[test,triton]"
+	$(PY) -m aimass.core.triton_setup
+	touch $@
+
+$(BUF): package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+demo: $(INSTALL_STAMP)
+	$(VENV)/bin/aimass demo
+
+# pytest exits 5 when it collected no test: that must fail, never pass silently.
+test: $(INSTALL_STAMP)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+buf-lint: $(BUF)
+	$(BUF) lint
+	$(BUF) build -o /dev/null
+
+lint: $(INSTALL_STAMP) buf-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(INSTALL_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+up: $(INSTALL_STAMP)
+	$(VENV)/bin/aimass up --detach
+
+status: $(INSTALL_STAMP)
+	$(VENV)/bin/aimass status
+
+down: $(INSTALL_STAMP)
+	$(VENV)/bin/aimass down
+
+clean:
+	rm -rf $(VENV) gen/python node_modules .aimass

@@ -1,0 +1,1 @@
+"""aimass: the Python SDK and CLI."""

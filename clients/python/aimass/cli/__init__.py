@@ -1,0 +1,1 @@
+"""The aimass command line."""

@@ -1,0 +1,1 @@
+"""aimass core service."""

@@ -1,0 +1,217 @@
+"""Settings of every aimass process: AIMASS_* environment variables over an optional YAML file.
+
+Precedence, highest first: keyword arguments, environment variables
+(``AIMASS_DATABASE_URL``, nested with a double underscore:
+``AIMASS_PORTS__REGISTRY=7005``), the YAML file named by ``AIMASS_CONFIG``
+(else ``$AIMASS_HOME/config.yaml`` when it exists), then the defaults below.
+Settings are read once, when a process starts, never at import time.
+Invalid values raise :class:`SettingsError` naming the variable and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "AIMASS_"
+SERVICE_NAMES = ("data", "training", "evaluation", "compression", "registry", "routing")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names each bad key and why."""
+
+
+class Ports(BaseModel):
+    """TCP port of each process of the stack. 0 picks a free port (tests)."""
+
+    model_config = {"extra": "forbid"}
+
+    data: int = Field(default=50051, ge=0, le=65535)
+    training: int = Field(default=50052, ge=0, le=65535)
+    evaluation: int = Field(default=50053, ge=0, le=65535)
+    compression: int = Field(default=50054, ge=0, le=65535)
+    registry: int = Field(default=50055, ge=0, le=65535)
+    routing: int = Field(default=50056, ge=0, le=65535)
+    gateway: int = Field(default=8080, ge=0, le=65535)
+    # Not 4222: a system NATS often listens there already.
+    nats: int = Field(default=4232, ge=0, le=65535)
+    nats_monitor: int = Field(default=8232, ge=0, le=65535)
+    triton_grpc: int = Field(default=8101, ge=0, le=65535)
+    triton_http: int = Field(default=8100, ge=0, le=65535)
+    metrics: int = Field(default=9464, ge=0, le=65535)
+
+    def of(self, service: str) -> int:
+        """The port of a named service; raises KeyError for an unknown name."""
+        if service not in type(self).model_fields:
+            raise KeyError(f"no port is configured for {service!r}")
+        return int(getattr(self, service))
+
+
+class S3Settings(BaseModel):
+    """How to reach an S3-compatible store for s3:// URIs (MinIO, moto, AWS)."""
+
+    model_config = {"extra": "forbid"}
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    # Multipart part size: the memory one upload holds at a time.
+    part_size_mb: int = Field(default=16, ge=5, le=512)
+
+
+class TracingSettings(BaseModel):
+    """Where OpenTelemetry spans go."""
+
+    model_config = {"extra": "forbid"}
+
+    exporter: Literal["none", "console", "file", "otlp"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    # For exporter "file": JSON lines, one span each.
+    file: Path | None = None
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
+class AuthSettings(BaseModel):
+    """Access control. Disabled in the embedded stack until keys exist."""
+
+    model_config = {"extra": "forbid"}
+
+    enabled: bool = False
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwks_file: Path | None = None
+    hs256_secret: str | None = None
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML settings file; its keys mirror the field names."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            data = yaml.safe_load(self.path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SettingsError(f"{self.path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise SettingsError(f"{self.path}: must hold a mapping of settings, not {type(data).__name__}")
+        return data
+
+
+class Settings(BaseSettings):
+    """Every setting of an aimass process. Construct with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    # Data folder of the embedded stack: database, artifacts, logs, pid files.
+    home: Path = Path(".aimass")
+    host: str = "127.0.0.1"
+    # SQLAlchemy URL; default: a SQLite file under home.
+    database_url: str = ""
+    # Root URI of the artifact store (file:// or s3://); default: home/artifacts.
+    artifact_root: str = ""
+    # Default: the embedded stack's own NATS on ports.nats.
+    nats_url: str = ""
+    ports: Ports = Field(default_factory=Ports)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    # Seconds a stopping server waits for in-flight calls before cancelling them.
+    shutdown_grace_s: float = Field(default=10.0, ge=0.0, le=600.0)
+    # Largest gRPC message, both ways.
+    max_message_mb: int = Field(default=64, ge=1, le=2048)
+    # Folders ingest may read local files from; default: home/data and the cwd.
+    data_roots: list[Path] = Field(default_factory=list)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:// or postgresql:// SQLAlchemy URL")
+        return value
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _known_artifact_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("file://", "s3://")):
+            raise ValueError("must be a file:// or s3:// URI")
+        return value
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_scheme(cls, value: str) -> str:
+        if value and not all(u.strip().startswith(("nats://", "tls://")) for u in value.split(",")):
+            raise ValueError("must be nats://host:port (comma-separated for a cluster)")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults_under_home(self) -> Settings:
+        home = self.home.expanduser().absolute()
+        self.home = home
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'aimass.db'}"
+        if not self.artifact_root:
+            self.artifact_root = (home / "artifacts").as_uri()
+        if not self.nats_url:
+            self.nats_url = f"nats://{self.host}:{self.ports.nats}"
+        if not self.data_roots:
+            self.data_roots = [home / "data", Path.cwd()]
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls, _config_file()))
+
+    def service_address(self, service: str) -> str:
+        """host:port where a service of the stack listens."""
+        return f"{self.host}:{self.ports.of(service)}"
+
+
+def _config_file() -> Path | None:
+    explicit = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.exists():
+            raise SettingsError(f"{ENV_PREFIX}CONFIG: {path} does not exist")
+        return path
+    home = Path(os.environ.get(f"{ENV_PREFIX}HOME", ".aimass"))
+    return home / "config.yaml"
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Reads the settings; raises SettingsError listing every bad key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        problems = [
+            f"{_env_name(e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
+        ]
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from err

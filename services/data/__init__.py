@@ -1,0 +1,1 @@
+"""aimass data service."""

@@ -1,0 +1,3 @@
+from aimass.registry.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""aimass training service."""
