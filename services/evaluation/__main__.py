@@ -1,0 +1,3 @@
+from aimass.evaluation.main import main
+
+main()

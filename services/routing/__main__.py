@@ -1,0 +1,3 @@
+from aimass.routing.main import main
+
+main()

@@ -1,0 +1,3 @@
+from aimass.training.main import main
+
+main()

@@ -1,0 +1,319 @@
+"""The embedded stack through the real `aimass` command: real processes, real nats-server.
+
+One stack (module scope) serves the read-only checks and the restart check; the
+tests that stop a stack or must fail to start one use their own home and ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from aimass.core.settings import Ports
+
+CLI_TIMEOUT_S = 120
+RESTART_DEADLINE_S = 60.0
+# The gRPC services each service process must offer (routing serves two).
+EXPECTED_SERVICES = {
+    "data": {"aimass.data.v1.DataService"},
+    "training": {"aimass.training.v1.TrainingService"},
+    "evaluation": {"aimass.evaluation.v1.EvaluationService"},
+    "compression": {"aimass.compression.v1.CompressionService"},
+    "registry": {"aimass.registry.v1.RegistryService"},
+    "routing": {"aimass.routing.v1.RoutingService", "aimass.routing.v1.PredictionService"},
+}
+# Statuses a service's own handler gives to an empty request (UNIMPLEMENTED while it is a
+# skeleton); UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN or INTERNAL would mean it did not answer.
+HANDLER_ANSWERS = {
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.OK,
+}
+
+
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+    ports: dict[str, int]
+
+
+def free_ports(names: list[str]) -> dict[str, int]:
+    """Distinct free ports, one per name: all held open together so none is handed out twice."""
+    sockets = []
+    try:
+        for _ in names:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets, strict=True)}
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def stack_env(home: Path) -> tuple[dict[str, str], dict[str, int]]:
+    ports = free_ports(list(Ports.model_fields))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMASS_")}
+    env["AIMASS_HOME"] = str(home)
+    env["AIMASS_SHUTDOWN_GRACE_S"] = "3"
+    for name, port in ports.items():
+        env[f"AIMASS_PORTS__{name.upper()}"] = str(port)
+    return env, ports
+
+
+def aimass(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aimass.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+
+
+def status_json(stack: Stack) -> tuple[int, dict]:
+    result = aimass("status", "--json", env=stack.env)
+    return result.returncode, json.loads(result.stdout)
+
+
+def components(status: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in status["components"]}
+
+
+def processes_of_home(home: Path) -> list[psutil.Process]:
+    """Live processes started for this home: its AIMASS_HOME in their environment, or the
+    home in their command line (nats-server's store)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "status", "cmdline"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+            continue
+        try:
+            in_cmdline = any(str(home) in part for part in proc.info["cmdline"] or [])
+            in_env = proc.environ().get("AIMASS_HOME") == str(home)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if in_cmdline or in_env:
+            found.append(proc)
+    return found
+
+
+def live_in_group(pgid: int) -> list[int]:
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def start_stack(home: Path) -> Stack:
+    env, ports = stack_env(home)
+    stack = Stack(home=home, env=env, ports=ports)
+    result = aimass("up", "--detach", "--timeout", "90", env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return stack
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    started = start_stack(tmp_path_factory.mktemp("stack") / "home")
+    yield started
+    aimass("down", env=started.env)
+
+
+def health_of(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return reply.status
+
+
+def reflected_services(channel: grpc.Channel) -> tuple[set[str], descriptor_pool.DescriptorPool]:
+    database = ProtoReflectionDescriptorDatabase(channel)
+    names = {n for n in database.get_services() if n.startswith("aimass.")}
+    return names, descriptor_pool.DescriptorPool(database)
+
+
+def call_first_unary(channel: grpc.Channel, pool: descriptor_pool.DescriptorPool, name: str):
+    """Calls the service's first unary method with an empty request; returns the status code."""
+    service = pool.FindServiceByName(name)
+    method = next(m for m in service.methods if not m.client_streaming and not m.server_streaming)
+    request = message_factory.GetMessageClass(method.input_type)()
+    call = channel.unary_unary(
+        f"/{name}/{method.name}",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=lambda data: data,
+    )
+    try:
+        call(request, timeout=5)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_status_shows_every_component_serving(stack: Stack) -> None:
+    code, status = status_json(stack)
+
+    assert code == 0
+    assert status["all_serving"] is True
+    rows = components(status)
+    assert set(rows) == {"supervisor", "nats", *EXPECTED_SERVICES}
+    assert {r["state"] for r in rows.values()} == {"SERVING"}
+    assert rows["registry"]["address"] == f"127.0.0.1:{stack.ports['registry']}"
+    assert rows["nats"]["address"] == f"127.0.0.1:{stack.ports['nats']}"
+    assert (stack.home / "run" / "stack.json").exists()
+    assert (stack.home / "logs" / "registry.log").exists()
+
+
+def test_human_status_lists_components(stack: Stack) -> None:
+    result = aimass("status", env=stack.env)
+
+    assert result.returncode == 0, result.stderr
+    for name in ("nats", *EXPECTED_SERVICES):
+        assert name in result.stdout
+
+
+def test_each_service_port_answers_health_and_a_domain_rpc(stack: Stack) -> None:
+    for name, expected in EXPECTED_SERVICES.items():
+        address = f"127.0.0.1:{stack.ports[name]}"
+        assert health_of(address) == health_pb2.HealthCheckResponse.SERVING, name
+        with grpc.insecure_channel(address) as channel:
+            offered, pool = reflected_services(channel)
+            assert offered == expected
+            for service in sorted(offered):
+                code = call_first_unary(channel, pool, service)
+                assert code in HANDLER_ANSWERS, f"{service}: {code}"
+
+
+def test_domain_rpc_is_unimplemented_for_now(stack: Stack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ports['training']}") as channel:
+        _, pool = reflected_services(channel)
+        code = call_first_unary(channel, pool, "aimass.training.v1.TrainingService")
+
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_killed_service_is_restarted_and_serves_again(stack: Stack) -> None:
+    _, before = status_json(stack)
+    old = components(before)["evaluation"]
+    os.kill(old["pid"], signal.SIGKILL)
+
+    deadline = time.monotonic() + RESTART_DEADLINE_S
+    row = old
+    while time.monotonic() < deadline:
+        code, status = status_json(stack)
+        row = components(status)["evaluation"]
+        if code == 0 and row["pid"] != old["pid"] and row["state"] == "SERVING":
+            break
+        time.sleep(0.5)
+
+    assert row["pid"] != old["pid"]
+    assert row["state"] == "SERVING"
+    assert row["restarts"] == old["restarts"] + 1
+    assert not pid_alive(old["pid"])
+    assert health_of(row["address"]) == health_pb2.HealthCheckResponse.SERVING
+    log = (stack.home / "logs" / "supervisor.log").read_text()
+    assert "restarting" in log
+    assert "evaluation" in log
+
+
+def test_down_leaves_no_process_and_status_then_exits_3(tmp_path: Path) -> None:
+    stack = start_stack(tmp_path / "home")
+    _, status = status_json(stack)
+    recorded = components(status)
+    state = json.loads((stack.home / "run" / "stack.json").read_text())
+    groups = [c["pgid"] for c in state["components"]]
+    assert len(groups) == len(EXPECTED_SERVICES) + 1
+
+    result = aimass("down", env=stack.env)
+
+    assert result.returncode == 0, result.stderr
+    assert "nothing left running" in result.stdout
+    assert [name for name, c in recorded.items() if pid_alive(c["pid"])] == []
+    assert [g for g in groups if live_in_group(g)] == []
+    assert processes_of_home(stack.home) == []
+    assert not (stack.home / "run" / "stack.json").exists()
+    after = aimass("status", env=stack.env)
+    assert after.returncode == 3
+    assert "no stack is running" in after.stderr
+
+
+def test_taken_port_fails_naming_it_and_starts_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env, ports = stack_env(home)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports["registry"]))
+        holder.listen(1)
+
+        result = aimass("up", "--detach", env=env)
+
+        assert result.returncode == 1
+        assert f"127.0.0.1:{ports['registry']} (registry)" in result.stderr
+        assert "already in use" in result.stderr
+        assert processes_of_home(home) == []
+        assert not (home / "run" / "stack.json").exists()
+        assert aimass("status", env=env).returncode == 3
+
+
+def test_bad_port_setting_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    env, _ = stack_env(tmp_path / "home")
+    env["AIMASS_PORTS__REGISTRY"] = "notaport"
+
+    result = aimass("up", "--detach", env=env)
+
+    assert result.returncode == 2
+    assert "AIMASS_PORTS__REGISTRY" in result.stderr
+    assert processes_of_home(tmp_path / "home") == []
+
+
+def test_port_offset_past_65535_exits_2(tmp_path: Path) -> None:
+    env, _ = stack_env(tmp_path / "home")
+
+    result = aimass("up", "--detach", "--port-offset", "70000", env=env)
+
+    assert result.returncode == 2
+    assert "--port-offset" in result.stderr
+
+
+def test_demo_shows_every_service_answering_and_stops_everything(tmp_path: Path) -> None:
+    env, _ = stack_env(tmp_path / "unused")
+    home = tmp_path / "demo"
+
+    result = aimass("demo", "--home", str(home), env=env)
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "UNIMPLEMENTED" in result.stdout
+    for name in EXPECTED_SERVICES:
+        assert name in result.stdout
+    assert "nothing left running" in result.stdout
+    assert processes_of_home(home) == []
