@@ -46,5 +46,9 @@ def expand(roots: dict[str, str]) -> tuple[list[str], dict[str, str]]:
 
 
 packages, package_dir = expand(PACKAGE_ROOTS)
-setup(packages=packages, package_dir=package_dir, include_package_data=True,
-      package_data={"": ["*.pyi", "py.typed", "*.yaml", "*.ini", "*.mako"]})
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    include_package_data=True,
+    package_data={"": ["*.pyi", "py.typed", "*.yaml", "*.ini", "*.mako"]},
+)

@@ -60,6 +60,9 @@ def configure(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        # SQLite's DDL is transactional once SQLAlchemy emits BEGIN itself, as
+        # make_engine arranges; alembic assumes otherwise unless told.
+        transactional_ddl=True,
         compare_type=True,
         render_item=render_item,
     )

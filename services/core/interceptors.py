@@ -80,7 +80,9 @@ def _details(error: errors.AimassError) -> list[any_pb2.Any]:
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
                     for v in error.violations
                 ]
             )
@@ -123,7 +125,9 @@ class AimassServerInterceptor(grpc.aio.ServerInterceptor):
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         _principal.set(await self.auth.authenticate(method, metadata))
 
-    async def on_error(self, method: str, error: BaseException, context: grpc.aio.ServicerContext) -> None:
+    async def on_error(
+        self, method: str, error: BaseException, context: grpc.aio.ServicerContext
+    ) -> None:
         """Aborts the call with the status that matches the error."""
         span = trace.get_current_span()
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))
@@ -142,15 +146,25 @@ def _passthrough(error: BaseException) -> bool:
     return isinstance(error, grpc.aio.AbortError | asyncio.CancelledError)
 
 
-def _span(interceptor: AimassServerInterceptor, method: str, context: grpc.aio.ServicerContext) -> Any:
+def _span(
+    interceptor: AimassServerInterceptor, method: str, context: grpc.aio.ServicerContext
+) -> Any:
     parent = extract_context(context.invocation_metadata() or ())
     return interceptor.tracer.start_as_current_span(
-        method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.method": method, "aimass.service": interceptor.service},
+        method.lstrip("/"),
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={
+            "rpc.system": "grpc",
+            "rpc.method": method,
+            "aimass.service": interceptor.service,
+        },
     )
 
 
-def _wrap_unary_response(behavior: Callable[..., Any], method: str, interceptor: AimassServerInterceptor) -> Callable[..., Any]:
+def _wrap_unary_response(
+    behavior: Callable[..., Any], method: str, interceptor: AimassServerInterceptor
+) -> Callable[..., Any]:
     async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         with _span(interceptor, method, context):
             try:
@@ -166,8 +180,12 @@ def _wrap_unary_response(behavior: Callable[..., Any], method: str, interceptor:
     return wrapped
 
 
-def _wrap_stream_response(behavior: Callable[..., Any], method: str, interceptor: AimassServerInterceptor) -> Callable[..., Any]:
-    async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+def _wrap_stream_response(
+    behavior: Callable[..., Any], method: str, interceptor: AimassServerInterceptor
+) -> Callable[..., Any]:
+    async def wrapped(
+        request_or_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         with _span(interceptor, method, context):
             try:
                 await interceptor.before_call(method, context)
@@ -187,7 +205,9 @@ def _wrap_stream_response(behavior: Callable[..., Any], method: str, interceptor
     return wrapped
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, interceptor: AimassServerInterceptor) -> grpc.RpcMethodHandler:
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, method: str, interceptor: AimassServerInterceptor
+) -> grpc.RpcMethodHandler:
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,

@@ -17,7 +17,9 @@ from typing import Any
 from opentelemetry import trace
 
 _SECRET_PATTERNS = [
-    re.compile(r"(?i)(authorization|api[-_]?key|x-api-key|secret|password|token)([\"']?\s*[:=]\s*[\"']?)([^\s\"',}]+)"),
+    re.compile(
+        r"(?i)(authorization|api[-_]?key|x-api-key|secret|password|token)([\"']?\s*[:=]\s*[\"']?)([^\s\"',}]+)"
+    ),
     re.compile(r"\baim_[A-Za-z0-9_\-]{8,}"),
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._\-]+"),
 ]

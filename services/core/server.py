@@ -96,13 +96,17 @@ async def create_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.full_name for s in services]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     wanted = settings.ports.of(name) if port is None else port
     address = f"{settings.host}:{wanted}"
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:
-        raise Unavailable(f"{name}: cannot listen on {address}: the port is already in use") from err
+        raise Unavailable(
+            f"{name}: cannot listen on {address}: the port is already in use"
+        ) from err
     if bound == 0:
         raise Unavailable(f"{name}: cannot listen on {address}: the port is already in use")
     await server.start()

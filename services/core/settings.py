@@ -27,16 +27,20 @@ class SettingsError(ValueError):
 
 
 class Ports(BaseModel):
-    """TCP port of each process of the stack. 0 picks a free port (tests)."""
+    """TCP port of each process of the stack. 0 picks a free port (tests).
+
+    Defaults stay below 32768, outside Linux's ephemeral range, so an outgoing
+    connection never holds a service's port when the stack starts.
+    """
 
     model_config = {"extra": "forbid"}
 
-    data: int = Field(default=50051, ge=0, le=65535)
-    training: int = Field(default=50052, ge=0, le=65535)
-    evaluation: int = Field(default=50053, ge=0, le=65535)
-    compression: int = Field(default=50054, ge=0, le=65535)
-    registry: int = Field(default=50055, ge=0, le=65535)
-    routing: int = Field(default=50056, ge=0, le=65535)
+    data: int = Field(default=7101, ge=0, le=65535)
+    training: int = Field(default=7102, ge=0, le=65535)
+    evaluation: int = Field(default=7103, ge=0, le=65535)
+    compression: int = Field(default=7104, ge=0, le=65535)
+    registry: int = Field(default=7105, ge=0, le=65535)
+    routing: int = Field(default=7106, ge=0, le=65535)
     gateway: int = Field(default=8080, ge=0, le=65535)
     # Not 4222: a system NATS often listens there already.
     nats: int = Field(default=4232, ge=0, le=65535)
@@ -107,7 +111,9 @@ class _YamlSource(PydanticBaseSettingsSource):
         except yaml.YAMLError as err:
             raise SettingsError(f"{self.path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
-            raise SettingsError(f"{self.path}: must hold a mapping of settings, not {type(data).__name__}")
+            raise SettingsError(
+                f"{self.path}: must hold a mapping of settings, not {type(data).__name__}"
+            )
         return data
 
 

@@ -7,7 +7,6 @@ lines, one span each: the embedded stack's default when tracing is on) or
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -55,7 +54,7 @@ def _exporter(settings: TracingSettings, service: str) -> SpanExporter | None:
         return JsonLinesSpanExporter(settings.file or Path(f"traces-{service}.jsonl"))
     if settings.exporter == "otlp":
         # Imported only here: the OTLP exporter pulls in its own gRPC stack.
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter,
         )
 
@@ -89,7 +88,9 @@ def inject_headers(carrier: dict[str, str] | None = None) -> dict[str, str]:
     return carrier
 
 
-def extract_context(headers: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> otel_context.Context:
+def extract_context(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+) -> otel_context.Context:
     """A context carrying the remote span named by W3C headers or gRPC metadata."""
     if headers is None:
         return otel_context.get_current()

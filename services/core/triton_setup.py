@@ -16,7 +16,7 @@ from pathlib import Path
 def pytriton_root() -> Path | None:
     """The ``pytriton/tritonserver`` folder of the installed wheel, if any."""
     try:
-        import pytriton  # noqa: PLC0415 - optional dependency
+        import pytriton
     except ImportError:
         return None
     root = Path(pytriton.__file__).parent / "tritonserver"

@@ -16,7 +16,11 @@ def record(message, **extra):
 
 def test_json_line_carries_service_extra_fields_and_masks_keys():
     line = JsonFormatter("registry").format(
-        record("created with api_key=aim_abcdefgh12345678", model="digits", header="Bearer eyJhbGciOi.x.y")
+        record(
+            "created with api_key=aim_abcdefgh12345678",
+            model="digits",
+            header="Bearer eyJhbGciOi.x.y",
+        )
     )
     entry = json.loads(line)
     assert entry["service"] == "registry"
@@ -33,7 +37,9 @@ def test_redact_leaves_plain_text_alone():
 
 def test_file_exporter_writes_one_span_per_line(tmp_path):
     path = tmp_path / "spans.jsonl"
-    provider: TracerProvider = configure_tracing("test", TracingSettings(exporter="file", file=path))
+    provider: TracerProvider = configure_tracing(
+        "test", TracingSettings(exporter="file", file=path)
+    )
     tracer = provider.get_tracer("t")
     with tracer.start_as_current_span("outer"), tracer.start_as_current_span("inner"):
         headers = inject_headers()

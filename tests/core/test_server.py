@@ -124,11 +124,17 @@ async def test_unimplemented_method_says_which(served):
 
 async def test_error_in_a_stream_after_messages(served):
     _, _, stub, _ = served
-    call = stub.DownloadArtifact(registry_pb2.DownloadArtifactRequest(name="models/a/versions/1", kind="onnx"))
+    call = stub.DownloadArtifact(
+        registry_pb2.DownloadArtifactRequest(name="models/a/versions/1", kind="onnx")
+    )
     received = []
-    with pytest.raises(grpc.aio.AioRpcError) as err:
+
+    async def drain():
         async for chunk in call:
             received.append(chunk.data)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await drain()
     assert received == [b"abc"]
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "kind 'onnx'" in err.value.details()
@@ -179,10 +185,16 @@ async def test_taken_port_is_a_clear_error(settings):
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        with pytest.raises(errors.Unavailable, match=f"registry: cannot listen on 127.0.0.1:{port}"):
+        with pytest.raises(
+            errors.Unavailable, match=f"registry: cannot listen on 127.0.0.1:{port}"
+        ):
             await create_server(
                 "registry",
-                [GrpcService(SERVICE, Servicer(), registry_pb2_grpc.add_RegistryServiceServicer_to_server)],
+                [
+                    GrpcService(
+                        SERVICE, Servicer(), registry_pb2_grpc.add_RegistryServiceServicer_to_server
+                    )
+                ],
                 settings,
                 port=port,
             )
@@ -202,12 +214,14 @@ async def test_auth_hook_decides_and_health_stays_open(settings):
             await get(stub, "models/a")
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
         reply = await stub.GetRegisteredModel(
-            registry_pb2.GetRegisteredModelRequest(name="models/a"), metadata=[("x-api-key", "good")]
+            registry_pb2.GetRegisteredModelRequest(name="models/a"),
+            metadata=[("x-api-key", "good")],
         )
         assert reply.owner == "ana"
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await stub.DeleteRegisteredModel(
-                registry_pb2.DeleteRegisteredModelRequest(name="models/a"), metadata=[("x-api-key", "good")]
+                registry_pb2.DeleteRegisteredModelRequest(name="models/a"),
+                metadata=[("x-api-key", "good")],
             )
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())

@@ -75,7 +75,7 @@ def test_unknown_key_in_yaml_is_an_error(monkeypatch, tmp_path):
 
 def test_missing_config_file_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("AIMASS_CONFIG", str(tmp_path / "nope.yaml"))
-    with pytest.raises(SettingsError, match="nope.yaml does not exist"):
+    with pytest.raises(SettingsError, match=r"nope\.yaml does not exist"):
         load_settings()
 
 

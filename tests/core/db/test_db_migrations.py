@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import DBAPIError
 
 import aimass.core.db.models  # noqa: F401  (every table on Base.metadata)
 from aimass.core.db import migrate
@@ -157,3 +161,48 @@ def test_command_line_upgrade_current_check_downgrade(db_url, capsys):
 
     assert migrate.main(["--url", db_url, "downgrade", "base"]) == 0
     assert migrate.current_revision(db_url) is None
+
+
+FAILING_REVISION = '''
+"""A revision that fails half way."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))
+    op.execute("SELECT * FROM no_such_table")
+
+
+def downgrade():
+    op.drop_table("half_done")
+'''
+
+
+def test_a_failing_migration_leaves_the_schema_as_it_was(db_url, tmp_path):
+    # The whole upgrade is one transaction on both databases: 0001 and the
+    # first half of 0002 are rolled back together.
+    scripts = tmp_path / "scripts"
+    shutil.copytree(
+        migrate.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (scripts / "versions" / "0002_fails.py").write_text(FAILING_REVISION)
+    config = Config()
+    config.set_main_option("script_location", str(scripts))
+    engine = make_engine(db_url, sqlite_foreign_keys=False)
+    try:
+        with engine.connect() as connection:
+            config.attributes["connection"] = connection
+            with pytest.raises(DBAPIError, match="no_such_table"):
+                command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+    assert migrate.current_revision(db_url) is None
+    assert table_names(db_url) <= {"alembic_version"}

@@ -189,16 +189,19 @@ def status(
         result = stack_status(resolved)
     except NoStackRunning as err:
         if as_json:
-            output.out.print_json(
-                json.dumps({"home": str(resolved), "all_serving": False, "components": []})
-            )
+            _print_json({"home": str(resolved), "all_serving": False, "components": []})
         _fail(err.message, err.exit_code)
     if as_json:
-        output.out.print_json(json.dumps(result.to_dict()))
+        _print_json(result.to_dict())
     else:
         output.out.print(output.status_table(result.components, f"aimass stack in {resolved}"))
     if not result.all_serving:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _print_json(document: dict[str, object]) -> None:
+    # Plain stdout, never rich: rich wraps long lines (paths) to the terminal width.
+    typer.echo(json.dumps(document, indent=2))
 
 
 @app.command()

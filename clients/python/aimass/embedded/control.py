@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aimass.embedded.errors import NoStackRunning, ReportedError, StackError, StartupFailed
 from aimass.embedded.layout import SUPERVISOR, StackLayout, tail
@@ -79,7 +79,9 @@ def start_detached(
     finally:
         os.close(write_fd)
     try:
-        _await_ready(read_fd, supervisor, startup_timeout_s + _DETACH_MARGIN_S, progress)
+        _await_ready(
+            read_fd, supervisor, supervisor_log, startup_timeout_s + _DETACH_MARGIN_S, progress
+        )
     except BaseException:
         # Interrupted or timed out: the supervisor stops whatever it started on SIGTERM.
         if supervisor.poll() is None:
@@ -97,6 +99,7 @@ def start_detached(
 def _await_ready(
     read_fd: int,
     supervisor: subprocess.Popen[bytes],
+    supervisor_log: Path,
     timeout_s: float,
     progress: Callable[[str], None] | None,
 ) -> None:
@@ -108,15 +111,15 @@ def _await_ready(
             raise StartupFailed(
                 SUPERVISOR,
                 f"no answer within {timeout_s:.0f} s",
-                str(_supervisor_log(supervisor)),
-                "",
+                str(supervisor_log),
+                tail(supervisor_log),
             )
         readable, _, _ = select.select([read_fd], [], [], remaining)
         if not readable:
             continue
         chunk = os.read(read_fd, 65536)
         if not chunk:
-            _raise_silent_exit(supervisor)
+            _raise_silent_exit(supervisor, supervisor_log)
         buffer += chunk
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
@@ -138,17 +141,11 @@ def _handle_event(event: dict[str, Any], progress: Callable[[str], None] | None)
     return kind == "ready"
 
 
-def _raise_silent_exit(supervisor: subprocess.Popen[bytes]) -> None:
+def _raise_silent_exit(supervisor: subprocess.Popen[bytes], log: Path) -> NoReturn:
     code = _wait_child(supervisor, 10.0)
-    log = _supervisor_log(supervisor)
     raise StartupFailed(
         SUPERVISOR, f"exited (code {code}) before the stack was ready", str(log), tail(log)
     )
-
-
-def _supervisor_log(supervisor: subprocess.Popen[bytes]) -> Path:
-    home = Path(supervisor.args[supervisor.args.index("--home") + 1])  # type: ignore[union-attr]
-    return StackLayout(home).log_of(SUPERVISOR)
 
 
 def _wait_child(child: subprocess.Popen[bytes], timeout_s: float) -> int | None:
