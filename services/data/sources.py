@@ -19,26 +19,26 @@ from aimass.data.v1 import data_pb2 as pb
 HASH_BLOCK = 1 << 20
 
 
-def resolve_local(data_path: str, roots: Sequence[Path], home: Path) -> Path:
+def resolve_local(data_path: str, roots: Sequence[Path], field: str = "config.data_path") -> Path:
     """The absolute path of ``data_path`` when it lies under one of ``roots``.
 
     Refuses '..' segments outright (even when they would resolve inside a root) and any
     path, symlinks resolved, outside the roots; relative paths are taken under ``home``.
     """
     if not data_path:
-        raise InvalidArgument("config.data_path", "is empty")
+        raise InvalidArgument(field, "is empty")
     if ".." in PurePosixPath(data_path.replace("\\", "/")).parts:
-        raise InvalidArgument("config.data_path", f"{data_path!r} must not contain '..'")
+        raise InvalidArgument(field, f"{data_path!r} must not contain '..'")
     path = Path(data_path)
-    path = (path if path.is_absolute() else home / path).resolve()
     resolved_roots = [Path(root).resolve() for root in roots]
+    if not resolved_roots:
+        raise InvalidArgument(field, "no data roots are configured (settings.data_roots)")
+    path = (path if path.is_absolute() else resolved_roots[0] / path).resolve()
     if not any(path == root or path.is_relative_to(root) for root in resolved_roots):
         allowed = ", ".join(str(r) for r in resolved_roots)
-        raise InvalidArgument(
-            "config.data_path", f"{data_path!r} is outside the allowed data roots ({allowed})"
-        )
+        raise InvalidArgument(field, f"{data_path!r} is outside the allowed data roots ({allowed})")
     if not path.exists():
-        raise InvalidArgument("config.data_path", f"{data_path!r} does not exist")
+        raise InvalidArgument(field, f"{data_path!r} does not exist")
     return path
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, MetaData
+from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from aimass.core.db.columns import UtcDateTime
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -33,9 +35,10 @@ class Base(DeclarativeBase):
 
 
 class Timestamps:
-    """create_time / update_time columns kept by the database session."""
+    """create_time / update_time columns kept by the database session.
 
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    update_time: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    UtcDateTime, not plain DateTime: SQLite would hand back naive datetimes.
+    """
+
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    update_time: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, LargeBinary, String, Text
+from sqlalchemy import BigInteger, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from aimass.core.db.base import Base, utcnow
+from aimass.core.db.columns import UtcDateTime
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
 SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
@@ -36,11 +37,9 @@ class OutboxEvent(Base):
     envelope: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     # W3C trace context of the transaction that wrote it, as "k=v\n" lines.
     trace_headers: Mapped[str] = mapped_column(Text, default="", nullable=False)
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     # NULL until the relay got the stream's acknowledgement.
-    publish_time: Mapped[datetime | None] = mapped_column(
-        DateTime(timezone=True), nullable=True, index=True
-    )
+    publish_time: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
 
 
@@ -51,4 +50,4 @@ class ProcessedEvent(Base):
 
     consumer: Mapped[str] = mapped_column(String(100), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    process_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    process_time: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

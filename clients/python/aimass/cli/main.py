@@ -335,3 +335,8 @@ def _redact_url(url: str) -> str:
     credentials, _, location = rest.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{location}"
+
+
+from aimass.cli.data import data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
