@@ -11,11 +11,12 @@ PROTO_STAMP := gen/python/.stamp
 INSTALL_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint format protos buf-lint up down status clean
+.PHONY: help demo test bench lint format protos buf-lint up down status clean
 
 help:
 	@echo "make demo    start the embedded stack, run the pipeline, print what happened"
 	@echo "make test    run the whole test suite (real NATS, PostgreSQL, S3 server, Triton)"
+	@echo "make bench   run every benchmark, tables into docs/benchmarks/"
 	@echo "make lint    ruff and buf lint"
 	@echo "make protos  regenerate the Python code of protos/ into gen/python"
 
@@ -52,6 +53,17 @@ demo: $(INSTALL_STAMP)
 test: $(INSTALL_STAMP) $(BUF)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# Every tests/bench/bench_*.py writes its markdown table into docs/benchmarks/.
+# BENCH_ARGS (for example --quick) is passed to each script.
+BENCH_ARGS ?=
+bench: $(INSTALL_STAMP)
+	@mkdir -p docs/benchmarks
+	@set -e; for script in tests/bench/bench_*.py; do \
+		name=$$(basename $$script .py); name=$${name#bench_}; \
+		echo "== $$name"; \
+		$(PY) $$script --out docs/benchmarks/$$name.md $(BENCH_ARGS); \
+	done
 
 buf-lint: $(BUF)
 	$(BUF) lint

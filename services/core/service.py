@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aimass.core.artifacts import ArtifactStore, open_artifact_store
+from aimass.core.clients import ServiceChannels
 from aimass.core.db.engine import Database
 from aimass.core.db.migrate import check_at_head
 from aimass.core.errors import AimassError
@@ -79,6 +80,14 @@ class ServiceContext:
             self.resources["event_bus"] = bus
             self.resources["outbox_relay"] = relay
         return self.resources["event_bus"]
+
+    def channels(self) -> ServiceChannels:
+        """Pooled gRPC channels to the other services (closed when this service stops)."""
+        if "channels" not in self.resources:
+            channels = ServiceChannels(self.settings)
+            self.resources["channels"] = channels
+            self.on_close(channels.close)
+        return self.resources["channels"]
 
     def notify_outbox(self) -> None:
         """Wakes the outbox relay right after a commit that wrote events (safe from any thread)."""

@@ -4,10 +4,9 @@ server, served by grpc.aio on a free port."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,13 @@ from sqlalchemy import func, select
 
 from aimass.common.v1 import common_pb2
 from aimass.core.db.engine import Database
-from aimass.core.events import Envelope, EventBus
 from aimass.core.service import start_service
 from aimass.core.settings import Settings, load_settings
 from aimass.data import config as cfg
 from aimass.data.main import SERVICE_NAME, build
 from aimass.data.v1 import data_pb2 as pb
 from aimass.data.v1 import data_pb2_grpc
+from tests.fixtures.stack import EventLog, record_events
 
 TERMINAL = {
     common_pb2.JOB_STATE_SUCCEEDED,
@@ -110,37 +109,10 @@ async def data(migrated_db_url: str, nats_url: str, tmp_path: Path) -> AsyncIter
         await running.stop(0)
 
 
-@dataclass
-class EventLog:
-    envelopes: list[Envelope] = field(default_factory=list)
-    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def handle(self, envelope: Envelope) -> None:
-        async with self.arrived:
-            self.envelopes.append(envelope)
-            self.arrived.notify_all()
-
-    async def wait_for(
-        self, predicate: Callable[[list[Envelope]], bool], timeout_s: float = 20.0
-    ) -> None:
-        async def matched() -> None:
-            async with self.arrived:
-                await self.arrived.wait_for(lambda: predicate(self.envelopes))
-
-        await asyncio.wait_for(matched(), timeout_s)
-
-
 @pytest.fixture
 async def data_events(data: DataService) -> AsyncIterator[EventLog]:
-    bus = await EventBus.connect(data.settings.nats_url, "data-test")
-    await bus.ensure_streams()
-    log = EventLog()
-    subscription = await bus.subscribe("data-test", ["aimass.data.>"], log.handle)
-    try:
+    async with record_events(data.settings.nats_url, "data-test", ["aimass.data.>"]) as log:
         yield log
-    finally:
-        await subscription.stop()
-        await bus.close()
 
 
 def sha256(data: bytes) -> str:

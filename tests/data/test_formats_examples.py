@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from aimass.common.v1 import common_pb2
+from aimass.core.splits import read_split, split_dataloader
 from aimass.data import config as cfg
 from aimass.data import examples
-from aimass.data.reader import read_split, split_dataloader
 from aimass.data.v1 import data_pb2 as pb
 from tests.data.conftest import DataService
 

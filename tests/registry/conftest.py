@@ -4,11 +4,10 @@ fresh JetStream server, served by grpc.aio on a free port."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,13 @@ import grpc
 import pytest
 
 from aimass.common.v1 import common_pb2
-from aimass.core.events import Envelope, EventBus
 from aimass.core.server import RunningServer
 from aimass.core.service import start_service
 from aimass.core.settings import Settings, load_settings
 from aimass.registry.main import SERVICE_NAME, build
 from aimass.registry.v1 import registry_pb2 as pb
 from aimass.registry.v1 import registry_pb2_grpc
+from tests.fixtures.stack import EventLog, record_events
 
 CHUNK = 64 * 1024
 
@@ -109,40 +108,9 @@ async def registry(migrated_db_url: str, nats_url: str, tmp_path: Path) -> Async
         yield reg
 
 
-@dataclass
-class EventLog:
-    """Every registry event a real JetStream consumer received, in arrival order."""
-
-    envelopes: list[Envelope] = field(default_factory=list)
-    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def handle(self, envelope: Envelope) -> None:
-        async with self.arrived:
-            self.envelopes.append(envelope)
-            self.arrived.notify_all()
-
-    async def wait_for(
-        self, predicate: Callable[[list[Envelope]], bool], timeout_s: float = 20.0
-    ) -> list[Envelope]:
-        async def matched() -> None:
-            async with self.arrived:
-                await self.arrived.wait_for(lambda: predicate(self.envelopes))
-
-        await asyncio.wait_for(matched(), timeout_s)
-        return list(self.envelopes)
-
-    def of(self, topic: str) -> list[Envelope]:
-        return [e for e in self.envelopes if e.topic == topic]
-
-
 @pytest.fixture
 async def registry_events(registry: Registry) -> AsyncIterator[EventLog]:
-    bus = await EventBus.connect(registry.settings.nats_url, "registry-test")
-    await bus.ensure_streams()
-    log = EventLog()
-    subscription = await bus.subscribe("registry-test", ["aimass.registry.>"], log.handle)
-    try:
+    async with record_events(
+        registry.settings.nats_url, "registry-test", ["aimass.registry.>"]
+    ) as log:
         yield log
-    finally:
-        await subscription.stop()
-        await bus.close()

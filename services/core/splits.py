@@ -1,4 +1,6 @@
-"""Reading a split through the data service from anywhere: ReadSplit -> Arrow -> torch.
+"""Reading a split through the data service: ReadSplit -> Arrow -> torch.
+
+Used by training, evaluation and compression workers on any host.
 
     table = read_split("localhost:50052", "datasets/digits/versions/1", "train")
     loader = split_dataloader(table, label_column="label", batch_size=64, shuffle=True)
