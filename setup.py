@@ -50,5 +50,9 @@ setup(
     packages=packages,
     package_dir=package_dir,
     include_package_data=True,
-    package_data={"": ["*.pyi", "py.typed", "*.yaml", "*.ini", "*.mako"]},
+    package_data={
+        "": ["*.pyi", "py.typed", "*.yaml", "*.ini", "*.mako"],
+        # Alembic revisions are plain files in a folder that is not a package.
+        "aimass.migrations": ["versions/*.py"],
+    },
 )

@@ -1,4 +1,9 @@
-"""Entry point of the evaluation service process: ``python -m aimass.evaluation``."""
+"""Entry point of the evaluation service process: ``python -m aimass.evaluation``.
+
+The process serves the gRPC API, runs the work-queue consumer of evaluation
+and benchmark jobs, and follows training and compression events for
+automatic evaluations.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,31 @@ from collections.abc import Sequence
 
 from aimass.core.server import GrpcService
 from aimass.core.service import ServiceContext, run_service
+from aimass.evaluation.api import EvaluationServicer
+from aimass.evaluation.runner import Runner
+from aimass.evaluation.sources import Sources
 from aimass.evaluation.v1 import evaluation_pb2_grpc
+from aimass.evaluation.worker import AutoEvaluator, JobWorker
 
 SERVICE_NAME = "evaluation"
 
 
 async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
-    """The evaluation service's gRPC services.
-
-    Every RPC answers UNIMPLEMENTED until evaluations and benchmarks come with their issue.
-    """
+    """The evaluation service over the database, artifact store, event bus and other services."""
+    database = ctx.database()
+    artifacts = await ctx.artifacts()
+    bus = await ctx.event_bus()
+    sources = Sources(ctx.channels(), ctx.settings.home / "cache" / "evaluation" / "models")
+    runner = Runner(database, artifacts, sources, ctx.notify_outbox)
+    worker = JobWorker(bus, runner)
+    await worker.start()
+    ctx.on_close(worker.stop)
+    await AutoEvaluator(database, sources, ctx.notify_outbox).subscribe(bus)
+    servicer = EvaluationServicer(database, artifacts, sources, ctx.notify_outbox)
     return [
         GrpcService(
             full_name="aimass.evaluation.v1.EvaluationService",
-            servicer=evaluation_pb2_grpc.EvaluationServiceServicer(),
+            servicer=servicer,
             add_to_server=evaluation_pb2_grpc.add_EvaluationServiceServicer_to_server,
         )
     ]
