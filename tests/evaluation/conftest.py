@@ -23,7 +23,6 @@ from google.protobuf import struct_pb2
 from onnx import TensorProto, helper, numpy_helper
 
 from aimass.common.v1 import common_pb2
-from aimass.core.db.migrate import upgrade
 from aimass.data import config as cfg
 from aimass.data.examples import write_breast_cancer_csv
 from aimass.data.v1 import data_pb2, data_pb2_grpc
@@ -150,9 +149,8 @@ class Env:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, nats_url: str) -> AsyncIterator[Env]:
-    db_url = f"sqlite:///{tmp_path / 'aimass.db'}"
-    upgrade(db_url)
+async def env(tmp_path: Path, nats_url: str, migrated_db_url: str) -> AsyncIterator[Env]:
+    db_url = migrated_db_url  # SQLite and the real PostgreSQL
     root = tmp_path / "data"
     root.mkdir()
     settings = stack_settings(tmp_path / "home", db_url, nats_url, data_roots=[root])
