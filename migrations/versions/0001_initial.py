@@ -39,6 +39,7 @@ def upgrade() -> None:
         sa.Column("revoke_time", UTC_DATETIME, nullable=True),
         sa.Column("expire_time", UTC_DATETIME, nullable=True),
         sa.Column("last_use_time", UTC_DATETIME, nullable=True),
+        sa.Column("rate_limit_per_s", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
         sa.UniqueConstraint("name", name=op.f("uq_api_keys_name")),
@@ -86,7 +87,7 @@ def upgrade() -> None:
         sa.Column("update_time", UTC_DATETIME, nullable=False),
         sa.Column("etag", sa.String(length=32), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_compression_policies")),
-        sa.UniqueConstraint("name", name=op.f("uq_compression_policies_name")),
+        sa.UniqueConstraint("model", "name", name="uq_compression_policies_model_name"),
     )
     op.create_index(op.f("ix_compression_policies_model"), "compression_policies", ["model"])
     op.create_index(op.f("ix_compression_policies_project"), "compression_policies", ["project"])
@@ -101,6 +102,7 @@ def upgrade() -> None:
         sa.Column("owner", sa.String(length=200), nullable=False),
         sa.Column("project", sa.String(length=63), nullable=False),
         sa.Column("latest_version", sa.Integer(), nullable=False),
+        sa.Column("config", JSON, nullable=False),
         sa.Column("create_time", UTC_DATETIME, nullable=False),
         sa.Column("update_time", UTC_DATETIME, nullable=False),
         sa.Column("etag", sa.String(length=32), nullable=False),
@@ -144,11 +146,13 @@ def upgrade() -> None:
         "inference_servers",
         sa.Column("id", SEQ, autoincrement=True, nullable=False),
         sa.Column("name", sa.String(length=63), nullable=False),
+        sa.Column("description", sa.Text(), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("grpc_address", sa.String(length=255), nullable=False),
         sa.Column("http_address", sa.String(length=255), nullable=False),
         sa.Column("model_repository", sa.Text(), nullable=False),
         sa.Column("labels", JSON, nullable=False),
+        sa.Column("memory_budget_bytes", sa.BigInteger(), nullable=False),
         sa.Column("state", sa.String(length=32), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("check_time", UTC_DATETIME, nullable=True),
@@ -259,6 +263,9 @@ def upgrade() -> None:
         sa.Column("metrics", JSON, nullable=False),
         sa.Column("parent_id", SEQ, nullable=True),
         sa.Column("request_id", sa.String(length=64), nullable=True),
+        sa.Column("target_model", sa.String(length=300), nullable=False),
+        sa.Column("labels", JSON, nullable=False),
+        sa.Column("options", JSON, nullable=False),
         sa.Column("create_time", UTC_DATETIME, nullable=False),
         sa.Column("update_time", UTC_DATETIME, nullable=False),
         sa.Column("etag", sa.String(length=32), nullable=False),
@@ -276,6 +283,7 @@ def upgrade() -> None:
     op.create_index(op.f("ix_training_jobs_dataset_version"), "training_jobs", ["dataset_version"])
     op.create_index(op.f("ix_training_jobs_parent_id"), "training_jobs", ["parent_id"])
     op.create_index(op.f("ix_training_jobs_project"), "training_jobs", ["project"])
+    op.create_index(op.f("ix_training_jobs_target_model"), "training_jobs", ["target_model"])
     op.create_index(
         "ix_training_jobs_state_priority", "training_jobs", ["state", "priority", "create_time"]
     )
@@ -290,6 +298,7 @@ def upgrade() -> None:
         sa.Column("sha256", sa.String(length=64), nullable=False),
         sa.Column("temp_uri", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=32), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("creator", sa.String(length=200), nullable=False),
         sa.Column("project", sa.String(length=63), nullable=False),
         sa.Column("expire_time", UTC_DATETIME, nullable=True),
@@ -450,6 +459,8 @@ def upgrade() -> None:
         sa.Column("description", sa.Text(), nullable=False),
         sa.Column("project", sa.String(length=63), nullable=False),
         sa.Column("creator", sa.String(length=200), nullable=False),
+        sa.Column("labels", JSON, nullable=False),
+        sa.Column("servers", JSON, nullable=False),
         sa.Column("routes", JSON, nullable=False),
         sa.Column("shadow", JSON, nullable=False),
         sa.Column("serving_config", JSON, nullable=False),
@@ -581,6 +592,7 @@ def upgrade() -> None:
         sa.Column("config", JSON, nullable=False),
         sa.Column("state", sa.String(length=32), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("cache_hit", sa.Boolean(), nullable=False),
         sa.Column("progress", sa.Float(), nullable=False),
         sa.Column("start_time", UTC_DATETIME, nullable=True),
         sa.Column("end_time", UTC_DATETIME, nullable=True),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -24,19 +23,30 @@ from sqlalchemy import func, select
 
 from aimass.common.v1 import common_pb2
 from aimass.core.artifacts import ArtifactStore
+from aimass.core.clients import ServiceChannels
 from aimass.core.db import models as m
 from aimass.core.db.base import utcnow
 from aimass.core.db.engine import Database
 from aimass.core.db.pagination import paginate
-from aimass.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from aimass.core.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from aimass.core.events import EventBus
 from aimass.core.interceptors import current_principal
 from aimass.core.settings import Settings
 from aimass.data import config as cfg
 from aimass.data import sources
 from aimass.data import store as st
-from aimass.data.ingest import Ingestor
+from aimass.data.ingest import Ingestor, record_failure
 from aimass.data.v1 import data_pb2 as pb
 from aimass.data.v1 import data_pb2_grpc
+from aimass.data.worker import enqueue_ingest
+from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext
@@ -45,6 +55,9 @@ UPLOAD_TTL = timedelta(days=1)
 DEFAULT_BATCH = 8192
 MAX_BATCH = 1_000_000
 SPLITS = {0: "train", 1: "train", 2: "valid", 3: "test"}
+# How long Cancel waits for a running job to reach CANCELLED before answering.
+CANCEL_WAIT_S = 10.0
+REGISTRY_TIMEOUT_S = 10.0
 
 
 def _principal() -> str:
@@ -63,10 +76,15 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         artifacts: ArtifactStore,
         settings: Settings,
         notify_outbox: Callable[[], None],
+        bus: EventBus,
+        channels: ServiceChannels,
     ) -> None:
         self.database = database
         self.artifacts = artifacts
         self.settings = settings
+        self.notify_outbox = notify_outbox
+        self.bus = bus
+        self.channels = channels
         self.ingestor = Ingestor(database, artifacts, settings, notify_outbox)
 
     async def _db(self, call: Callable[..., T], *args: Any) -> T:
@@ -84,12 +102,11 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
                 exists = session.scalar(select(m.Dataset.id).where(m.Dataset.name == dataset_id))
                 if exists is not None:
                     raise AlreadyExists(f"datasets/{dataset_id} already exists")
-                tags = dict(request.dataset.labels)
-                tags[st.CONFIG_TAG] = json.dumps(cfg.to_dict(request.dataset.config))
                 row = m.Dataset(
                     name=dataset_id,
                     description=request.dataset.description,
-                    tags=tags,
+                    tags=dict(request.dataset.labels),
+                    config=cfg.to_dict(request.dataset.config),
                     project=request.dataset.project,
                     owner=_principal(),
                 )
@@ -147,20 +164,16 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
             with self.database.session() as session:
                 row = st.get_dataset(session, dataset_id)
                 if request.dataset.etag and request.dataset.etag != row.etag:
-                    from aimass.core.errors import Aborted
-
                     raise Aborted(f"datasets/{dataset_id} changed: etag is stale")
-                tags = dict(row.tags)
                 for path in paths:
                     if path == "description":
                         row.description = request.dataset.description
                     elif path == "labels":
-                        tags = {**dict(request.dataset.labels), st.CONFIG_TAG: tags[st.CONFIG_TAG]}
+                        row.tags = dict(request.dataset.labels)
                     elif path == "config":
-                        tags[st.CONFIG_TAG] = json.dumps(cfg.to_dict(request.dataset.config))
+                        row.config = cfg.to_dict(request.dataset.config)
                     else:
                         raise InvalidArgument("update_mask", f"{path!r} cannot be updated")
-                row.tags = tags
                 session.flush()
                 return st.dataset_to_proto(row)
 
@@ -171,31 +184,32 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
     ) -> empty_pb2.Empty:
         dataset_id = st.parse_dataset_name(request.name)
 
+        def version_names() -> list[str]:
+            with self.database.session(read_only=True) as session:
+                row = st.get_dataset(session, dataset_id)
+                return [f"datasets/{dataset_id}/versions/{v.version}" for v in row.versions]
+
+        names = await self._db(version_names)
+        if names and not request.force:
+            raise FailedPrecondition(f"datasets/{dataset_id} has {len(names)} versions: set force")
+        await self._refuse_if_referenced(names)
+
         def delete() -> list[str]:
             with self.database.session() as session:
                 row = st.get_dataset(session, dataset_id)
                 if request.etag and request.etag != row.etag:
-                    from aimass.core.errors import Aborted
-
                     raise Aborted(f"datasets/{dataset_id} changed: etag is stale")
                 running = session.scalar(
                     select(func.count(m.IngestJob.id)).where(
-                        m.IngestJob.dataset_id == row.id,
-                        m.IngestJob.state.in_(["QUEUED", "RUNNING"]),
+                        m.IngestJob.dataset_id == row.id, m.IngestJob.state.in_(st.ACTIVE)
                     )
                 )
                 if running:
                     raise FailedPrecondition(f"datasets/{dataset_id} has a running ingest job")
-                if row.versions and not request.force:
-                    raise FailedPrecondition(
-                        f"datasets/{dataset_id} has {len(row.versions)} versions: set force"
-                    )
-                uris: list[str] = []
-                for version in row.versions:
-                    _refuse_if_referenced(
-                        session, f"datasets/{dataset_id}/versions/{version.version}"
-                    )
-                    uris.extend(version.split_uris.values())
+                current = [f"datasets/{dataset_id}/versions/{v.version}" for v in row.versions]
+                if set(current) - set(names):
+                    raise Aborted(f"datasets/{dataset_id} got a new version meanwhile: retry")
+                uris = [uri for version in row.versions for uri in version.split_uris.values()]
                 session.delete(row)
                 session.flush()
                 return _unused(session, uris)
@@ -203,6 +217,30 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         for uri in await self._db(delete):
             await self._delete_artifact(uri)
         return empty_pb2.Empty()
+
+    async def _refuse_if_referenced(self, version_names: list[str]) -> None:
+        """A dataset version a model version was trained on cannot go (lineage would break).
+
+        Asks the registry, which owns the lineage; when it cannot answer, nothing is deleted.
+        """
+        if not version_names:
+            return
+        stub = registry_pb2_grpc.RegistryServiceStub(self.channels.get("registry"))
+        for name in version_names:
+            request = registry_pb2.SearchModelVersionsRequest(
+                filter=f'dataset_version = "{name}"', page_size=1
+            )
+            try:
+                found = await stub.SearchModelVersions(request, timeout=REGISTRY_TIMEOUT_S)
+            except grpc.aio.AioRpcError as err:
+                raise Unavailable(
+                    f"cannot check whether a model version uses {name}: the registry "
+                    f"answered {err.code().name}: {err.details()}; nothing was deleted"
+                ) from err
+            if found.model_versions:
+                raise FailedPrecondition(
+                    f"{name} is referenced by model version {found.model_versions[0].name}"
+                )
 
     async def _delete_artifact(self, uri: str) -> None:
         with contextlib.suppress(NotFound):
@@ -245,10 +283,27 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
                 st.add_job_event(session, job)
                 return st.job_to_proto(job, session), True
 
-        job, started = await self._db(create)
-        if started:
-            self.ingestor.start(st.parse_simple_name(job.name, "ingestJobs"), request.force)
+        job, created = await self._db(create)
+        if created:
+            await self._enqueue(job.name, pb.IngestDatasetRequest(name=request.name,
+                                                                  force=request.force))  # fmt: skip
         return job
+
+    async def _enqueue(self, job_name: str, request: pb.IngestDatasetRequest) -> None:
+        """Hands the job to the work queue; if NATS is down the job fails rather than hang."""
+        try:
+            await enqueue_ingest(self.bus, job_name, request)
+        except Exception as err:
+            reason = f"the job queue is unavailable: {err}"
+            await self._db(self._end_job, st.parse_simple_name(job_name, "ingestJobs"), reason)
+            self.notify_outbox()
+            raise Unavailable(reason) from err
+
+    def _end_job(self, job_id: str, reason: str, state: str = "FAILED") -> None:
+        with self.database.session() as session:
+            job = st.get_job(session, job_id, for_update=True)
+            if job.state not in st.TERMINAL:
+                record_failure(session, job, reason, state)
 
     async def GetIngestJob(self, request: pb.GetIngestJobRequest, context: Context) -> pb.IngestJob:
         job_id = st.parse_simple_name(request.name, "ingestJobs")
@@ -307,11 +362,27 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         self, request: pb.CancelIngestJobRequest, context: Context
     ) -> pb.IngestJob:
         job_id = st.parse_simple_name(request.name, "ingestJobs")
-        task = self.ingestor.tasks.get(job_id)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        state = await self._db(self._request_cancel, job_id)
+        self.notify_outbox()
+        # Whichever replica runs the job sees CANCELLING within a poll; this one at once.
+        self.ingestor.request_stop(job_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_S
+        while state not in st.TERMINAL and loop.time() < deadline:
+            await asyncio.sleep(WATCH_POLL_S)
+            state = await self._db(self.ingestor._state, job_id)
         return await self.GetIngestJob(pb.GetIngestJobRequest(name=request.name), context)
+
+    def _request_cancel(self, job_id: str) -> str:
+        """A queued job ends CANCELLED now; a running one is marked CANCELLING for its worker."""
+        with self.database.session() as session:
+            job = st.get_job(session, job_id, for_update=True)
+            if job.state == "QUEUED":
+                record_failure(session, job, "cancelled on request", "CANCELLED")
+            elif job.state == "RUNNING":
+                job.state = "CANCELLING"
+                st.add_job_event(session, job)
+            return job.state
 
     # ---------------------------------------------------------------- uploads
 
@@ -387,20 +458,22 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         actual = await asyncio.to_thread(_sha256_file, part)
         if actual != sha:
             await asyncio.to_thread(part.unlink, True)
-            await self._db(self._set_upload, upload_id, "ABORTED", "")
+            reason = f"header.sha256: content has sha256 {actual}, the header said {sha}"
+            await self._db(self._set_upload, upload_id, "ABORTED", "", reason)
             raise InvalidArgument(
                 "header.sha256", f"content has sha256 {actual}, the header said {sha}"
             )
         obj = await self.artifacts.put_file(part, expected_sha256=sha)
         await asyncio.to_thread(part.unlink, True)
-        await self._db(self._set_upload, upload_id, "COMPLETE", obj.uri)
+        await self._db(self._set_upload, upload_id, "COMPLETE", obj.uri, "")
 
-    def _set_upload(self, upload_id: str, state: str, uri: str) -> None:
+    def _set_upload(self, upload_id: str, state: str, uri: str, reason: str) -> None:
         with self.database.session() as session:
             row = session.scalar(select(m.Upload).where(m.Upload.name == upload_id))
             assert row is not None
             row.state = state
             row.temp_uri = uri
+            row.reason = reason
 
     async def GetUpload(self, request: pb.GetUploadRequest, context: Context) -> pb.Upload:
         upload_id = st.parse_simple_name(request.name, "uploads")
@@ -454,12 +527,18 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
     ) -> empty_pb2.Empty:
         dataset_id, number = st.parse_version_name(request.name)
 
+        def check() -> None:
+            with self.database.session(read_only=True) as session:
+                st.get_version(session, dataset_id, number)
+
+        await self._db(check)
+        await self._refuse_if_referenced([request.name])
+
         def delete() -> list[str]:
             with self.database.session() as session:
                 row = st.get_version(session, dataset_id, number)
                 if row.state == "INGESTING":
                     raise FailedPrecondition(f"{request.name} is being ingested")
-                _refuse_if_referenced(session, request.name)
                 uris = list(row.split_uris.values())
                 session.delete(row)
                 session.flush()
@@ -543,15 +622,6 @@ def _sha256_file(path: Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _refuse_if_referenced(session: Any, version_name: str) -> None:
-    """A dataset version a model version was trained on cannot go (lineage would break)."""
-    user = session.scalar(
-        select(m.ModelVersion).where(m.ModelVersion.source_dataset_version == version_name)
-    )
-    if user is not None:
-        raise FailedPrecondition(f"{version_name} is referenced by a model version")
 
 
 def _unused(session: Any, uris: list[str]) -> list[str]:

@@ -1,7 +1,10 @@
 """Converters from every source format to one canonical Parquet file (pyarrow).
 
-CSV and JSONL are read in blocks (bounded memory) with pyarrow's multi-threaded type
-inference, while a second thread writes the Parquet row groups, so both cores work.
+CSV is cut into ~16 MB blocks at newlines (the header prepended to each) that pyarrow's
+multi-threaded ``read_csv`` parses one after another, the first block fixing the column
+types; JSONL is read in blocks by pyarrow's streaming reader. Memory stays a few blocks
+wide whatever the file size, and a second thread writes the Parquet row groups while the
+next block is parsed, so both cores work.
 Parquet is copied batch by batch; NPZ arrays and image folders become a fixed-size list
 column of features (images decoded with Pillow and resized to one size) and a label.
 Errors name the line, key or file they come from.
@@ -10,11 +13,14 @@ Errors name the line, key or file they come from.
 from __future__ import annotations
 
 import csv
+import io
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +38,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 WRITE_OPTIONS = {"compression": "zstd", "write_statistics": True, "use_dictionary": True}
 
 Progress = Callable[[int, int], None]  # (bytes_read, rows_converted)
+Rows = pa.RecordBatch | pa.Table
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,9 @@ def convert(
     return write_parquet(batches, out, progress)
 
 
-def write_parquet(batches: Iterator[pa.RecordBatch], out: Path, progress: Progress) -> Converted:
+def write_parquet(batches: Iterator[Rows], out: Path, progress: Progress) -> Converted:
     """Writes batches to ``out`` from a second thread while the caller's thread reads."""
-    pending: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=2)
+    pending: queue.Queue[Rows | None] = queue.Queue(maxsize=2)
     state: dict[str, object] = {}
 
     def write() -> None:
@@ -63,7 +70,7 @@ def write_parquet(batches: Iterator[pa.RecordBatch], out: Path, progress: Progre
             while (batch := pending.get()) is not None:
                 if writer is None:
                     writer = pq.ParquetWriter(out, batch.schema, **WRITE_OPTIONS)
-                writer.write_batch(batch)
+                writer.write(batch)
         except BaseException as err:  # handed to the reading thread
             state["error"] = err
             while pending.get() is not None:
@@ -95,70 +102,184 @@ def write_parquet(batches: Iterator[pa.RecordBatch], out: Path, progress: Progre
 
 # ------------------------------------------------------------------------------ CSV
 
+# Each block is parsed by pyarrow's multi-threaded reader on its own, so both cores parse
+# while the writer thread compresses the previous block.
+CSV_BLOCK_SIZE = 16 << 20
+_CONVERSION_ERROR = re.compile(
+    r"In CSV column #(\d+): CSV conversion error to (\S+): invalid value '(.*)'"
+)
 
-def _csv_batches(
-    source: Path, config: pb.DatasetConfig, progress: Progress
-) -> Iterator[pa.RecordBatch]:
-    opts = config.csv
-    header = opts.header if opts.HasField("header") else True
-    read = pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=True)
-    if not header:
-        if opts.column_names:
-            read.column_names = list(opts.column_names)
-        else:
-            read.autogenerate_column_names = True
-    parse = pacsv.ParseOptions(delimiter=opts.delimiter or ",", quote_char=opts.quote_char or '"')
-    with source.open("rb") as handle:
-        try:
-            reader = pacsv.open_csv(handle, read_options=read, parse_options=parse)
-            for batch in reader:
-                _refuse_broken_quotes(batch, source, parse)
+
+@dataclass
+class _CsvReader:
+    """Reads one CSV file in blocks cut at newlines, the header line prepended to each.
+
+    A value may not span lines (unterminated quotes are refused), which is what makes
+    cutting at newlines safe. The column types come from the first block and are imposed
+    on every later block, so the schema cannot drift between row groups.
+    """
+
+    source: Path
+    parse: pacsv.ParseOptions
+    header: bool
+    column_names: list[str]
+    schema: pa.Schema | None = None
+    head: bytes = b""
+    width: int = 0
+
+    def tables(self, progress: Progress) -> Iterator[pa.Table]:
+        with self.source.open("rb") as handle:
+            first_line = 1
+            if self.header:
+                self.head = handle.readline()
+                if not self.head.strip():
+                    raise InvalidArgument("data_path", f"{self.source.name} is empty")
+                self.head = self.head if self.head.endswith(b"\n") else self.head + b"\n"
+                self.width = len(self._records(self.head)[0])
+                first_line = 2
+            for block in _blocks_at_newlines(handle, CSV_BLOCK_SIZE):
+                table = self._read_block(block, first_line)
                 progress(handle.tell(), -1)
-                if not header and not opts.column_names:
-                    batch = batch.rename_columns([f"c{i}" for i in range(batch.num_columns)])
-                yield batch
+                first_line += block.count(b"\n")
+                if table.num_rows:
+                    yield table
+
+    def _read_block(self, block: bytes, first_line: int) -> pa.Table:
+        read = pacsv.ReadOptions(use_threads=True, block_size=1 << 20)
+        if not self.header:
+            read.column_names = self.column_names or [
+                f"c{i}" for i in range(self.width or len(self._records(block)[0]))
+            ]
+            self.width = len(read.column_names)
+        convert = pacsv.ConvertOptions()
+        if self.schema is not None:
+            convert.column_types = self.schema
+        try:
+            table = pacsv.read_csv(
+                io.BytesIO(self.head + block),
+                read_options=read,
+                parse_options=self.parse,
+                convert_options=convert,
+            )
         except pa.ArrowInvalid as err:
-            text = str(err)
-            if "Empty CSV file" in text:
-                raise InvalidArgument("data_path", f"{source.name} is empty") from err
-            line = locate_bad_csv_line(source, parse)
-            where = f"line {line}" if line else "a line"
-            raise InvalidArgument(
-                "data_path", f"{source.name}: malformed CSV at {where}: {_short(text)}"
-            ) from err
+            raise self._error(err, block, first_line) from err
+        _refuse_values_with_newlines(
+            table, self.source.name, lambda: self._bad_line(block, first_line)
+        )
+        if self.schema is None:
+            self.schema = _settled_schema(table.schema)
+            table = table.cast(self.schema)
+        return table
+
+    def _error(self, err: pa.ArrowInvalid, block: bytes, first_line: int) -> InvalidArgument:
+        text = str(err)
+        conversion = _CONVERSION_ERROR.search(text)
+        if conversion is not None and self.schema is not None:
+            index, wanted, value = int(conversion[1]), conversion[2], conversion[3]
+            line = self._line_with_value(block, first_line, index, value)
+            column = self.schema.names[index]
+            return InvalidArgument(
+                "data_path",
+                f"{self.source.name}: line {line}: column {column!r} holds {value!r}, but the "
+                f"rows before made it {wanted}",
+            )
+        line = self._bad_line(block, first_line)
+        where = f"line {line}" if line else "a line"
+        return InvalidArgument(
+            "data_path", f"{self.source.name}: malformed CSV at {where}: {_short(text)}"
+        )
+
+    def _records(self, data: bytes) -> list[list[str]]:
+        text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
+        return list(
+            csv.reader(text, delimiter=self.parse.delimiter, quotechar=self.parse.quote_char)
+        ) or [[]]
+
+    def _bad_line(self, block: bytes, first_line: int) -> int:
+        """The line of the first ragged or badly quoted record of ``block`` (0 if none)."""
+        text = io.StringIO(block.decode("utf-8", errors="replace"), newline="")
+        line = locate_bad_csv_line(text, self.parse, self.width or None)
+        return first_line + line - 1 if line else 0
+
+    def _line_with_value(self, block: bytes, first_line: int, index: int, value: str) -> int:
+        text = io.StringIO(block.decode("utf-8", errors="replace"), newline="")
+        reader = csv.reader(text, delimiter=self.parse.delimiter, quotechar=self.parse.quote_char)
+        start = 1
+        for record in reader:
+            if len(record) > index and record[index] == value:
+                return first_line + start - 1
+            start = reader.line_num + 1
+        return first_line
 
 
-def _refuse_broken_quotes(batch: pa.RecordBatch, source: Path, parse: pacsv.ParseOptions) -> None:
+def _blocks_at_newlines(handle: BinaryIO, size: int) -> Iterator[bytes]:
+    """Blocks of about ``size`` bytes, each ending at a newline (the last one may not)."""
+    rest = b""
+    while chunk := handle.read(size):
+        data = rest + chunk if rest else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            rest = data  # one line longer than a block: read on
+            continue
+        rest = data[cut + 1 :]
+        yield data[: cut + 1]
+    if rest.strip():
+        yield rest
+
+
+def _settled_schema(schema: pa.Schema) -> pa.Schema:
+    """The first block's types, a column that was empty throughout becoming a string."""
+    return pa.schema(
+        [
+            field.with_type(pa.string()) if pa.types.is_null(field.type) else field
+            for field in schema
+        ]
+    )
+
+
+def _csv_batches(source: Path, config: pb.DatasetConfig, progress: Progress) -> Iterator[Rows]:
+    opts = config.csv
+    reader = _CsvReader(
+        source=source,
+        parse=pacsv.ParseOptions(
+            delimiter=opts.delimiter or ",", quote_char=opts.quote_char or '"'
+        ),
+        header=opts.header if opts.HasField("header") else True,
+        column_names=list(opts.column_names),
+    )
+    return reader.tables(progress)
+
+
+def _refuse_values_with_newlines(
+    table: pa.Table, file_name: str, bad_line: Callable[[], int]
+) -> None:
     """A quoted value spanning lines means an unterminated quote (newlines are not allowed
     in values), which pyarrow would otherwise swallow with the following rows."""
-    for column in batch.columns:
+    for column in table.columns:
         if pa.types.is_string(column.type) and pc.any(pc.match_substring(column, "\n")).as_py():
-            line = locate_bad_csv_line(source, parse)
             raise InvalidArgument(
-                "data_path", f"{source.name}: malformed CSV at line {line}: unterminated quote"
+                "data_path", f"{file_name}: malformed CSV at line {bad_line()}: unterminated quote"
             )
 
 
-def locate_bad_csv_line(source: Path, parse: pacsv.ParseOptions) -> int:
+def locate_bad_csv_line(text: TextIO, parse: pacsv.ParseOptions, width: int | None = None) -> int:
     """The 1-based line of the first ragged or badly quoted record (0 if none found).
 
     Runs only after a failure, so the slow pure-Python scan costs nothing on good input.
     """
-    with source.open(newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle, delimiter=parse.delimiter, quotechar=parse.quote_char)
-        width = None
-        line = 1
-        try:
-            for record in reader:
-                if any("\n" in value or "\r" in value for value in record):
-                    return line
-                if width is None:
-                    width = len(record)
-                elif record and len(record) != width:
-                    return reader.line_num
-                line = reader.line_num + 1
-        except csv.Error:
-            return line
+    reader = csv.reader(text, delimiter=parse.delimiter, quotechar=parse.quote_char)
+    line = 1
+    try:
+        for record in reader:
+            if any("\n" in value or "\r" in value for value in record):
+                return line
+            if width is None:
+                width = len(record)
+            elif record and len(record) != width:
+                return line
+            line = reader.line_num + 1
+    except csv.Error:
+        return line
     return 0
 
 
@@ -310,9 +431,7 @@ def _image_batch(images: list[np.ndarray], labels: list[str]) -> pa.RecordBatch:
     )
 
 
-_BATCH_READERS: dict[
-    str, Callable[[Path, pb.DatasetConfig, Progress], Iterator[pa.RecordBatch]]
-] = {
+_BATCH_READERS: dict[str, Callable[[Path, pb.DatasetConfig, Progress], Iterator[Rows]]] = {
     "csv": _csv_batches,
     "jsonl": _jsonl_batches,
     "parquet": _parquet_batches,

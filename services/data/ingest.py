@@ -1,11 +1,13 @@
 """The ingest job: source -> fingerprint -> (cache hit | convert -> split -> describe) -> version.
 
-Runs as an asyncio task of the data service; the heavy work (hashing, converting,
-splitting, statistics) runs in worker threads. Progress (bytes read, then rows converted)
-is appended to the job's events for WatchIngestJob. The version row and its outbox event
-(``aimass.data.version.ready``) commit in one transaction; on failure or cancel the version
-row and any split file no other version uses are removed, the job records the reason and
-``aimass.data.version.failed`` is sent, so nothing half-made remains.
+Jobs arrive through the JetStream work queue (:mod:`aimass.data.worker`); the heavy work
+(hashing, converting, splitting, statistics) runs in worker threads, which check a stop
+flag at every block so a cancel takes effect within a block. Progress (bytes read, then
+rows converted) is appended to the job's events for WatchIngestJob. The version row and
+its outbox event (``aimass.data.version.ready``) commit in one transaction; on failure or
+cancel the version row and any split file no other version uses are removed, the job
+records the reason and ``aimass.data.version.failed`` is sent, so nothing half-made
+remains.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +49,9 @@ SOURCE = "aimass.data"
 READY_TOPIC = "aimass.data.version.ready"
 FAILED_TOPIC = "aimass.data.version.failed"
 PROGRESS_EVERY_S = 0.25
+CANCEL_POLL_S = 0.5
 MAX_DISTINCT_LABELS = 1000
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,8 +67,18 @@ class Prepared:
     uris: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+class Stopped(Exception):
+    """The job was asked to stop (cancelled, or its worker is shutting down)."""
+
+
 class Ingestor:
-    """Runs ingest jobs for one data service."""
+    """Runs ingest jobs handed over by the work queue (see :mod:`aimass.data.worker`).
+
+    A job may run more than once: when its worker dies, the queue hands it to another
+    worker, which resumes it. Every step is safe to repeat: a finished job is skipped, a
+    version allocated by an earlier attempt is reused (no second version number), and split
+    files are content-addressed (the same bytes land at the same URI).
+    """
 
     def __init__(
         self,
@@ -75,51 +91,83 @@ class Ingestor:
         self.artifacts = artifacts
         self.settings = settings
         self.notify_outbox = notify_outbox
-        self.tasks: dict[str, asyncio.Task[None]] = {}
+        # Stop flags of the jobs running in this process, checked by their worker threads.
+        self.stops: dict[str, threading.Event] = {}
 
-    def start(self, job_id: str, force: bool) -> None:
-        task = asyncio.create_task(self.run(job_id, force), name=f"ingest-{job_id}")
-        self.tasks[job_id] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(job_id, None))
-
-    async def close(self) -> None:
-        for task in list(self.tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+    def request_stop(self, job_id: str) -> None:
+        """Stops the job at its next check if it runs in this process (cancel fast path)."""
+        stop = self.stops.get(job_id)
+        if stop is not None:
+            stop.set()
 
     # --------------------------------------------------------------------- the job
 
     async def run(self, job_id: str, force: bool) -> None:
+        """Runs (or resumes) one job to a terminal state; a shutdown leaves it to a redelivery."""
+        state = await asyncio.to_thread(self._claim, job_id)
+        if state in st.TERMINAL:
+            return
+        stop = self.stops[job_id] = threading.Event()
+        watcher = asyncio.create_task(self._watch_for_cancel(job_id, stop))
         work = Path(tempfile.mkdtemp(prefix="ingest-", dir=self._scratch()))
         stored: list[str] = []
         try:
-            await asyncio.to_thread(self._set_state, job_id, "RUNNING")
-            await self._ingest(job_id, force, work, stored)
+            if state == "CANCELLING":
+                raise Stopped
+            await self._ingest(job_id, force, work, stored, stop)
         except asyncio.CancelledError:
-            await asyncio.shield(self._fail(job_id, "cancelled on request", stored, "CANCELLED"))
+            # The worker is shutting down: the job stays RUNNING for its redelivery.
+            stop.set()
+            raise
+        except Stopped:
+            await self._fail(job_id, "cancelled on request", stored, "CANCELLED")
         except AimassError as err:
             await self._fail(job_id, err.message, stored)
         except Exception as err:  # an unexpected failure still must leave nothing half-made
+            log.exception("ingest job %s failed", job_id)
             await self._fail(job_id, f"internal error: {type(err).__name__}: {err}", stored)
         finally:
+            watcher.cancel()
+            self.stops.pop(job_id, None)
             shutil.rmtree(work, ignore_errors=True)
+
+    async def _watch_for_cancel(self, job_id: str, stop: threading.Event) -> None:
+        """Sets ``stop`` once a Cancel, served by any replica, marked the job CANCELLING."""
+        while not stop.is_set():
+            await asyncio.sleep(CANCEL_POLL_S)
+            try:
+                state = await asyncio.to_thread(self._state, job_id)
+            except AimassError:
+                continue
+            if state == "CANCELLING":
+                stop.set()
 
     def _scratch(self) -> Path:
         path = self.settings.home / "cache" / "work"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    async def _ingest(self, job_id: str, force: bool, work: Path, stored: list[str]) -> None:
+    async def _ingest(
+        self, job_id: str, force: bool, work: Path, stored: list[str], stop: threading.Event
+    ) -> None:
+        def check() -> None:
+            if stop.is_set():
+                raise Stopped
+
         config, dataset_pk = await asyncio.to_thread(self._job_config, job_id)
-        source = await self._local_source(config)
+        source = await self._local_source(config, work)
+        check()
         fmt = sources.infer_format(source, config)
-        progress = _Progress(self, job_id)
+        progress = _Progress(self, job_id, check)
         fingerprint = await asyncio.to_thread(_fingerprint, source, config)
+        check()
         if not force and await asyncio.to_thread(self._reuse, job_id, dataset_pk, fingerprint):
+            self.notify_outbox()
             return
         await asyncio.to_thread(self._allocate_version, job_id, fingerprint, fmt)
         prepared = await asyncio.to_thread(_prepare, source, fmt, config, work, progress.report)
         for split_name, path in prepared.split_files.items():
+            check()
             obj = await self.artifacts.put_file(path)
             stored.append(obj.uri)
             prepared.uris[split_name] = {
@@ -128,15 +176,19 @@ class Ingestor:
                 "size_bytes": obj.size,
                 "file_name": f"{split_name}.parquet",
             }
+        check()
         await asyncio.to_thread(self._mark_ready, job_id, prepared)
         self.notify_outbox()
 
-    async def _local_source(self, config: pb.DatasetConfig) -> Path:
+    async def _local_source(self, config: pb.DatasetConfig, work: Path) -> Path:
         kind = config.WhichOneof("source")
         if kind == "data_path":
             return sources.resolve_local(config.data_path, self.settings.data_roots)
         if kind == "s3_uri":
-            cache = self.settings.home / "cache" / "s3"
+            # download: true keeps the object in the data cache (keyed by its ETag, so an
+            # unchanged object is never fetched again); false reads a copy in the job's
+            # scratch folder, removed when the job ends.
+            cache = self.settings.home / "cache" / "s3" if config.download else work / "s3"
             return await asyncio.to_thread(sources.fetch_s3, config.s3_uri, self.settings, cache)
         upload_id = st.parse_simple_name(config.upload, "uploads", "config.upload")
         with self.database.session(read_only=True) as session:
@@ -153,17 +205,26 @@ class Ingestor:
 
     # ----------------------------------------------------------- database steps
 
+    def _claim(self, job_id: str) -> str:
+        """Marks the job RUNNING (unless it ended or is being cancelled); returns its state."""
+        with self.database.session() as session:
+            row = st.get_job(session, job_id, for_update=True)
+            if row.state in st.TERMINAL or row.state == "CANCELLING":
+                return row.state
+            row.start_time = row.start_time or utcnow()
+            if row.state != "RUNNING":
+                row.state = "RUNNING"
+                st.add_job_event(session, row)
+            return row.state
+
+    def _state(self, job_id: str) -> str:
+        with self.database.session(read_only=True) as session:
+            return st.get_job(session, job_id).state
+
     def _job_config(self, job_id: str) -> tuple[pb.DatasetConfig, int]:
         with self.database.session(read_only=True) as session:
             row = st.get_job(session, job_id)
             return cfg.from_json(row.config.get("config", {})), row.dataset_id
-
-    def _set_state(self, job_id: str, state: str) -> None:
-        with self.database.session() as session:
-            row = st.get_job(session, job_id)
-            row.state = state
-            row.start_time = row.start_time or utcnow()
-            st.add_job_event(session, row)
 
     def _reuse(self, job_id: str, dataset_pk: int, fingerprint: str) -> bool:
         """Points the job at a READY version with the same fingerprint, if there is one."""
@@ -177,15 +238,37 @@ class Ingestor:
             )
             if existing is None:
                 return False
-            job = st.get_job(session, job_id)
+            job = st.get_job(session, job_id, for_update=True)
+            self._drop_unfinished_version(session, job)
             job.dataset_version_id = existing.id
-            job.config = {**job.config, "cache_hit": True}
+            job.cache_hit = True
+            job.config = {
+                **job.config,
+                "dataset_version": f"datasets/{existing.dataset.name}/versions/{existing.version}",
+            }
+            # No ready event: no new version became ready.
             self._finish(session, job, "SUCCEEDED", "")
             return True
 
+    def _drop_unfinished_version(self, session: Any, job: m.IngestJob) -> None:
+        """Removes the INGESTING version an earlier attempt of this job left behind."""
+        if job.dataset_version_id is None:
+            return
+        version = session.get(m.DatasetVersion, job.dataset_version_id)
+        if version is not None and version.state != "READY":
+            session.delete(version)
+        job.dataset_version_id = None
+
     def _allocate_version(self, job_id: str, fingerprint: str, fmt: str) -> None:
+        """A new version number, or the one an earlier attempt of this job allocated."""
         with self.database.session() as session:
-            job = st.get_job(session, job_id)
+            job = st.get_job(session, job_id, for_update=True)
+            if job.dataset_version_id is not None:
+                earlier = session.get(m.DatasetVersion, job.dataset_version_id)
+                if earlier is not None and earlier.state == "INGESTING":
+                    earlier.fingerprint = fingerprint
+                    earlier.source_format = fmt
+                    return
             dataset = session.get(m.Dataset, job.dataset_id)
             assert dataset is not None
             dataset.latest_version += 1
@@ -212,7 +295,9 @@ class Ingestor:
 
     def _mark_ready(self, job_id: str, prepared: Prepared) -> None:
         with self.database.session() as session:
-            job = st.get_job(session, job_id)
+            job = st.get_job(session, job_id, for_update=True)
+            if job.state == "CANCELLING":
+                raise Stopped
             version = session.get(m.DatasetVersion, job.dataset_version_id)
             assert version is not None
             version.state = "READY"
@@ -225,23 +310,26 @@ class Ingestor:
             version.size_bytes = sum(v["size_bytes"] for v in prepared.uris.values())
             version.label_column = cfg.effective_label(cfg.from_json(version.config["config"]))
             version.config = {**version.config, "artifacts": prepared.uris}
-            name = job.config["dataset_version"]
-            add_event(
-                session,
-                READY_TOPIC,
-                events_pb2.DatasetVersionReady(
-                    dataset_version=name,
-                    fingerprint=version.fingerprint or "",
-                    split_rows=prepared.split_rows,
-                ),
-                subject=name,
-                source=SOURCE,
-            )
+            self._add_ready_event(session, job, version)
             job.config = {
                 **job.config,
                 "progress": {"completed": prepared.rows, "total": prepared.rows, "unit": "rows"},
             }
             self._finish(session, job, "SUCCEEDED", "")
+
+    def _add_ready_event(self, session: Any, job: m.IngestJob, version: m.DatasetVersion) -> None:
+        name = job.config["dataset_version"]
+        add_event(
+            session,
+            READY_TOPIC,
+            events_pb2.DatasetVersionReady(
+                dataset_version=name,
+                fingerprint=version.fingerprint or "",
+                split_rows=version.split_row_counts,
+            ),
+            subject=name,
+            source=SOURCE,
+        )
 
     def _finish(self, session: Any, job: m.IngestJob, state: str, reason: str) -> None:
         job.state = state
@@ -262,21 +350,10 @@ class Ingestor:
     def _record_failure(self, job_id: str, reason: str, stored: list[str], state: str) -> list[str]:
         """Removes the half-made version, records the reason; returns split files to delete."""
         with self.database.session() as session:
-            job = st.get_job(session, job_id)
-            name = job.config.get("dataset_version", "")
-            if job.dataset_version_id is not None and not job.config.get("cache_hit"):
-                version = session.get(m.DatasetVersion, job.dataset_version_id)
-                if version is not None and version.state != "READY":
-                    session.delete(version)
-                    job.dataset_version_id = None
-            self._finish(session, job, state, reason)
-            add_event(
-                session,
-                FAILED_TOPIC,
-                events_pb2.DatasetVersionFailed(dataset_version=name, reason=reason),
-                subject=name or f"ingestJobs/{job_id}",
-                source=SOURCE,
-            )
+            job = st.get_job(session, job_id, for_update=True)
+            if job.state in st.TERMINAL:
+                return []
+            record_failure(session, job, reason, state)
             session.flush()
             used = {
                 uri
@@ -289,22 +366,45 @@ class Ingestor:
         self, job_id: str, progress: dict[str, Any], metrics: dict[str, float]
     ) -> None:
         with self.database.session() as session:
-            job = st.get_job(session, job_id)
+            job = st.get_job(session, job_id, for_update=True)
             job.config = {**job.config, "progress": progress}
             st.add_job_event(session, job, metrics)
+
+
+def record_failure(session: Any, job: m.IngestJob, reason: str, state: str) -> None:
+    """Ends ``job`` as FAILED or CANCELLED: drops its unfinished version, sends the event."""
+    name = job.config.get("dataset_version", "")
+    if job.dataset_version_id is not None and not job.cache_hit:
+        version = session.get(m.DatasetVersion, job.dataset_version_id)
+        if version is not None and version.state != "READY":
+            session.delete(version)
+            job.dataset_version_id = None
+    job.state = state
+    job.reason = reason
+    job.end_time = utcnow()
+    st.add_job_event(session, job)
+    add_event(
+        session,
+        FAILED_TOPIC,
+        events_pb2.DatasetVersionFailed(dataset_version=name, reason=reason),
+        subject=name or f"ingestJobs/{job.name}",
+        source=SOURCE,
+    )
 
 
 class _Progress:
     """Throttled progress reports from the worker thread: bytes read, then rows converted."""
 
-    def __init__(self, ingestor: Ingestor, job_id: str) -> None:
+    def __init__(self, ingestor: Ingestor, job_id: str, check: Callable[[], None]) -> None:
         self.ingestor = ingestor
         self.job_id = job_id
+        self.check = check
         self.bytes_read = 0
         self.rows = 0
         self.last = 0.0
 
     def report(self, bytes_read: int, rows: int) -> None:
+        self.check()  # a cancelled job stops at its next block
         self.bytes_read = bytes_read if bytes_read >= 0 else self.bytes_read
         self.rows = rows if rows >= 0 else self.rows
         now = time.monotonic()
@@ -366,6 +466,7 @@ def _prepare(
         labels=stratify_by,
     )  # fmt: skip
     split_files = _write_splits(file, split_of, work)
+    progress(-1, converted.rows)  # also where a cancelled job stops
     schema = _schema(converted.schema, label, list(config.feature_columns))
     labels: dict[str, dict[str, int]] = {}
     if classify and label_values is not None:

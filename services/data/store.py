@@ -1,8 +1,5 @@
 """Rows of the data service's tables and their proto form. ORM rows never leave this module's
 callers' sessions: handlers convert them with the ``*_to_proto`` functions inside the session.
-
-The Dataset table has no config column yet, so the dataset's config is kept as JSON under
-the reserved tag :data:`CONFIG_TAG` and hidden from users' labels.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from aimass.core.errors import InvalidArgument, NotFound
 from aimass.data import config as cfg
 from aimass.data.v1 import data_pb2 as pb
 
-CONFIG_TAG = "aimass.io/config"
 ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 SPLIT_ENUMS = {
     "train": common_pb2.DATASET_SPLIT_TRAIN,
@@ -31,6 +27,7 @@ SPLIT_ENUMS = {
     "test": common_pb2.DATASET_SPLIT_TEST,
 }
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+ACTIVE = ("QUEUED", "RUNNING", "CANCELLING")
 UPLOAD_STATES = {
     "OPEN": pb.UPLOAD_STATE_ACTIVE,
     "COMPLETE": pb.UPLOAD_STATE_COMPLETE,
@@ -97,23 +94,25 @@ def get_version(session: Session, dataset_id: str, number: int) -> m.DatasetVers
     return row
 
 
-def get_job(session: Session, job_id: str) -> m.IngestJob:
-    row = session.scalar(select(m.IngestJob).where(m.IngestJob.name == job_id))
+def get_job(session: Session, job_id: str, *, for_update: bool = False) -> m.IngestJob:
+    """The job row; ``for_update`` locks it (PostgreSQL) so concurrent writers of its events
+    (worker progress, a Cancel on another replica) take turns for the next sequence."""
+    stmt = select(m.IngestJob).where(m.IngestJob.name == job_id)
+    row = session.scalar(stmt.with_for_update() if for_update else stmt)
     if row is None:
         raise NotFound(f"ingestJobs/{job_id} not found")
     return row
 
 
 def dataset_config(row: m.Dataset) -> pb.DatasetConfig:
-    return cfg.from_json(json.loads(row.tags.get(CONFIG_TAG, "{}")))
+    return cfg.from_json(row.config)
 
 
 def dataset_to_proto(row: m.Dataset) -> pb.Dataset:
-    labels = {k: v for k, v in row.tags.items() if k != CONFIG_TAG}
     return pb.Dataset(
         name=f"datasets/{row.name}",
         description=row.description,
-        labels=labels,
+        labels=row.tags,
         project=row.project,
         config=dataset_config(row),
         latest_version=row.latest_version,
@@ -192,7 +191,7 @@ def job_to_proto(row: m.IngestJob, session: Session) -> pb.IngestJob:
         config=cfg.from_json(row.config.get("config", {})),
         status=job_status(row),
         dataset_version=version_name,
-        cache_hit=bool(row.config.get("cache_hit", False)),
+        cache_hit=row.cache_hit,
         creator=row.creator,
     )
 
@@ -205,9 +204,7 @@ def upload_to_proto(row: m.Upload) -> pb.Upload:
         sha256=row.sha256,
         committed_offset=row.offset,
         state=UPLOAD_STATES.get(row.state, pb.UPLOAD_STATE_UNSPECIFIED),
-        reason="the sha256 of the content did not match the header"
-        if row.state == "ABORTED"
-        else "",
+        reason=row.reason,
         uri=row.temp_uri if row.state == "COMPLETE" else "",
         create_time=ts(row.create_time),
         update_time=ts(row.update_time),

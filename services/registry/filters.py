@@ -5,6 +5,7 @@ Grammar (AIP-160 flavoured, deliberately tiny)::
     filter     := condition ( "AND" condition )*
     condition  := field operator value
     field      := "metrics." NAME | "tags." NAME | "alias" | "model" | "owner" | "name"
+                | "dataset_version"
     operator   := "=" | "!=" | ">" | ">=" | "<" | "<="
     value      := NUMBER | '"' characters, with \\" and \\\\ escapes '"'
 
@@ -26,7 +27,8 @@ from aimass.core.errors import InvalidArgument
 COMPARISONS = ("=", "!=", ">", ">=", "<", "<=")
 # Fields that hold a key after the dot, and fields that stand alone.
 KEYED_FIELDS = ("metrics", "tags")
-VERSION_FIELDS = frozenset({"metrics", "tags", "alias", "model"})
+# dataset_version: the lineage source, e.g. dataset_version = "datasets/d/versions/1".
+VERSION_FIELDS = frozenset({"metrics", "tags", "alias", "model", "dataset_version"})
 MODEL_FIELDS = frozenset({"tags", "owner", "name"})
 MAX_FILTER_LENGTH = 2000
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from aimass.core.auth.api import access_service
+from aimass.core.auth.keys import SqlKeyStore
 from aimass.core.server import GrpcService
 from aimass.core.service import ServiceContext, run_service
 from aimass.registry.api import RegistryServicer
@@ -27,7 +29,9 @@ async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
             full_name="aimass.registry.v1.RegistryService",
             servicer=servicer,
             add_to_server=registry_pb2_grpc.add_RegistryServiceServicer_to_server,
-        )
+        ),
+        # API keys (aimass.core.auth): the registry process serves the AccessService.
+        access_service(SqlKeyStore(database)),
     ]
 
 

@@ -798,6 +798,8 @@ def _version_condition(condition: Condition) -> ColumnElement[bool]:
             Alias.version == ModelVersion.version,
             Alias.name == condition.value,
         )
+    elif condition.field == "dataset_version":
+        match = ModelVersion.source_dataset_version == condition.value
     else:  # model
         match = ModelVersion.model_id.in_(
             select(RegisteredModel.id).where(RegisteredModel.name == condition.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from aimass.data import config as cfg
 from aimass.data.main import SERVICE_NAME, build
 from aimass.data.v1 import data_pb2 as pb
 from aimass.data.v1 import data_pb2_grpc
-from tests.fixtures.stack import EventLog, record_events
+from tests.fixtures.stack import EventLog, free_port, record_events
 
 TERMINAL = {
     common_pb2.JOB_STATE_SUCCEEDED,
@@ -82,14 +83,17 @@ class DataService:
         return pa.Table.from_batches(batches)
 
 
-def settings_for(home: Path, db_url: str, nats_url: str, root: Path) -> Settings:
+def settings_for(home: Path, db_url: str, nats_url: str, root: Path, **over: Any) -> Settings:
     return load_settings(
+        **over,
         home=home,
         database_url=db_url,
         artifact_root=(home / "artifacts").as_uri(),
         nats_url=nats_url,
         log_format="console",
         data_roots=[root],
+        # Nothing listens there: a test that needs the registry starts one (test_delete_guard).
+        ports={"registry": free_port()},
     )
 
 
@@ -98,6 +102,13 @@ async def data(migrated_db_url: str, nats_url: str, tmp_path: Path) -> AsyncIter
     root = tmp_path / "data"
     root.mkdir()
     settings = settings_for(tmp_path / "home", migrated_db_url, nats_url, root)
+    async with serve_data(settings, root) as service:
+        yield service
+
+
+@asynccontextmanager
+async def serve_data(settings: Settings, root: Path) -> AsyncIterator[DataService]:
+    """The data service's own build() on ``settings``, served on a free port."""
     running, _ctx = await start_service(SERVICE_NAME, build, settings, port=0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:

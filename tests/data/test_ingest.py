@@ -137,30 +137,3 @@ async def test_read_split_projects_columns_and_pages(data: DataService) -> None:
         await data.read(job.dataset_version, columns=["nope"])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "nope" in err.value.details()
-
-
-async def test_delete_version_is_refused_while_a_model_version_uses_it(data: DataService) -> None:
-    from aimass.core.db import models as m
-    from aimass.core.db.engine import Database
-
-    write_csv(data.root / "d.csv", 40)
-    await data.create("d", data_path="d.csv", label_column="label")
-    job = await data.ingest("d")
-    database = Database(data.settings.database_url)
-    with database.session() as session:
-        model = m.RegisteredModel(name="mlp")
-        session.add(model)
-        session.flush()
-        session.add(
-            m.ModelVersion(model_id=model.id, version=1, source_dataset_version=job.dataset_version)
-        )
-    request = pb.DeleteDatasetVersionRequest(name=job.dataset_version)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await data.stub.DeleteDatasetVersion(request)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    with database.session() as session:
-        for row in session.query(m.ModelVersion).all():
-            session.delete(row)
-    database.dispose()
-    await data.stub.DeleteDatasetVersion(request)
-    assert data.stored_files() == []

@@ -187,3 +187,33 @@ async def test_lineage_ancestors_and_descendants(registry: Registry) -> None:
         stub.GetLineage(pb.GetLineageRequest(name="models/digits/versions/99")),
         grpc.StatusCode.NOT_FOUND,
     )
+
+
+async def test_search_finds_versions_trained_on_a_dataset_version(registry: Registry) -> None:
+    stub = registry.stub
+    await registry.create_model("digits")
+    await registry.create_model("other")
+    used = "datasets/digits/versions/4"
+    first = await registry.create_version(
+        "digits", source=pb.VersionSource(dataset_version=used, job="trainingJobs/t1")
+    )
+    await registry.create_version(
+        "digits", source=pb.VersionSource(dataset_version="datasets/digits/versions/5")
+    )
+    elsewhere = await registry.create_version(
+        "other", source=pb.VersionSource(dataset_version=used)
+    )
+    await registry.create_version("other")
+
+    found = await stub.SearchModelVersions(
+        pb.SearchModelVersionsRequest(filter=f'dataset_version = "{used}"')
+    )
+    assert sorted(v.name for v in found.model_versions) == sorted([first.name, elsewhere.name])
+    in_model = await stub.ListModelVersions(
+        pb.ListModelVersionsRequest(parent="models/other", filter=f'dataset_version = "{used}"')
+    )
+    assert [v.name for v in in_model.model_versions] == [elsewhere.name]
+    none = await stub.SearchModelVersions(
+        pb.SearchModelVersionsRequest(filter='dataset_version = "datasets/nope/versions/1"')
+    )
+    assert list(none.model_versions) == []

@@ -106,6 +106,8 @@ class Dataset(Timestamps, Etagged, Base):
     project: Mapped[str] = mapped_column(String(ID_LEN), default="", index=True)
     # Highest version number handed out so far.
     latest_version: Mapped[int] = mapped_column(Integer, default=0)
+    # The DatasetConfig (proto JSON, field names as in the proto) new ingests start from.
+    config: Mapped[dict[str, Any]] = _json_dict()
 
     versions: Mapped[list[DatasetVersion]] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
@@ -171,6 +173,8 @@ class Upload(Timestamps, Base):
     temp_uri: Mapped[str] = mapped_column(Text, default="")
     # OPEN, COMPLETE, ABORTED.
     state: Mapped[str] = _state("OPEN")
+    # Why an upload was aborted (e.g. the sha256 did not match); empty otherwise.
+    reason: Mapped[str] = mapped_column(Text, default="")
     creator: Mapped[str] = mapped_column(String(200), default="")
     project: Mapped[str] = mapped_column(String(ID_LEN), default="")
     # Abandoned uploads are swept after this time.
@@ -198,6 +202,8 @@ class IngestJob(Timestamps, Etagged, Base):
     # QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED.
     state: Mapped[str] = _state("QUEUED")
     reason: Mapped[str] = mapped_column(Text, default="")
+    # True when an existing version with the same fingerprint was reused.
+    cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     start_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
     end_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -251,6 +257,12 @@ class TrainingJob(Timestamps, Etagged, Base):
         "training_jobs.id", ondelete="CASCADE", nullable=True, index=True
     )
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # "models/{model}" the result is registered as a version of; "" keeps it unregistered.
+    target_model: Mapped[str] = mapped_column(String(REF_LEN), default="", index=True)
+    labels: Mapped[dict[str, str]] = _json_dict()
+    # Everything else of the TrainingJob resource (resources, search, trial parameters,
+    # best trial, checkpoints kept, outputs of a trial), as JSON.
+    options: Mapped[dict[str, Any]] = _json_dict()
 
 
 class JobEvent(Base):
@@ -349,9 +361,11 @@ class CompressionPolicy(Timestamps, Etagged, Base):
     """``compressionPolicies/{policy}``: compress new versions of a model automatically."""
 
     __tablename__ = "compression_policies"
+    # {policy} is unique within its model: "models/{model}/compressionPolicies/{policy}".
+    __table_args__ = (UniqueConstraint("model", "name", name="uq_compression_policies_model_name"),)
 
     id: Mapped[int] = _id()
-    name: Mapped[str] = _name()
+    name: Mapped[str] = mapped_column(String(ID_LEN), nullable=False)
     description: Mapped[str] = mapped_column(Text, default="")
     project: Mapped[str] = mapped_column(String(ID_LEN), default="", index=True)
     # "models/{model}" whose new versions it applies to.
@@ -606,6 +620,7 @@ class InferenceServer(Timestamps, Etagged, Base):
 
     id: Mapped[int] = _id()
     name: Mapped[str] = _name()
+    description: Mapped[str] = mapped_column(Text, default="")
     # "triton", "onnxruntime".
     kind: Mapped[str] = mapped_column(String(STATE_LEN), default="triton")
     grpc_address: Mapped[str] = mapped_column(String(255), default="")
@@ -613,6 +628,8 @@ class InferenceServer(Timestamps, Etagged, Base):
     # Where the routing service writes this server's model-repository entries.
     model_repository: Mapped[str] = mapped_column(Text, default="")
     labels: Mapped[dict[str, str]] = _json_dict()
+    # Bytes of model files it may hold loaded; 0: no limit (LRU unloading past it).
+    memory_budget_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # UNKNOWN, READY, UNREACHABLE.
     state: Mapped[str] = _state("UNKNOWN")
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -630,6 +647,9 @@ class Deployment(Timestamps, Etagged, Base):
     description: Mapped[str] = mapped_column(Text, default="")
     project: Mapped[str] = mapped_column(String(ID_LEN), default="", index=True)
     creator: Mapped[str] = mapped_column(String(200), default="")
+    labels: Mapped[dict[str, str]] = _json_dict()
+    # Servers it may use, ["inferenceServers/a", ...]; [] means any READY one.
+    servers: Mapped[list[str]] = mapped_column(JSONType, default=list)
     # [{"model_version": "models/m/versions/3", "weight": 90}, ...].
     routes: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     # Mirrored traffic: {"model_version": ..., "fraction": 0.1}; {} for none.
@@ -658,7 +678,7 @@ class ApiKey(Base):
     # sha256 hex of the whole key.
     key_hash: Mapped[str] = mapped_column(String(SHA256_LEN), unique=True, nullable=False)
     description: Mapped[str] = mapped_column(Text, default="")
-    # "viewer", "editor", "admin".
+    # "admin", "developer", "predictor", "viewer" (aimass.core.auth.roles).
     role: Mapped[str] = mapped_column(String(STATE_LEN), nullable=False)
     # Project it is scoped to; "" for every project.
     project: Mapped[str] = mapped_column(String(ID_LEN), default="", index=True)
@@ -667,6 +687,8 @@ class ApiKey(Base):
     revoke_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
     expire_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_use_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Token-bucket rate per service process; 0 means the configured default.
+    rate_limit_per_s: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class Webhook(Timestamps, Etagged, Base):
