@@ -338,6 +338,10 @@ class Ingestor:
         job.progress = 1.0 if state == "SUCCEEDED" else job.progress
         st.add_job_event(session, job)
 
+    async def give_up(self, job_id: str, reason: str) -> None:
+        """Ends a job whose attempts all died mid-way as FAILED (nothing of it stays)."""
+        await self._fail(job_id, reason, [])
+
     async def _fail(
         self, job_id: str, reason: str, stored: list[str], state: str = "FAILED"
     ) -> None:

@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 JOB_KIND = "ingest"
 # Without a heartbeat for this long, a job goes back to the queue (heartbeats: every third).
 ACK_WAIT_S = 30.0
-# Deliveries before the queue gives up on a job that keeps killing its workers.
-MAX_DELIVER = 5
+# Attempts before a job that keeps killing its workers is given up. The queue delivers
+# once more than this, and that extra delivery only records the job as FAILED, so a job
+# never stays RUNNING after its last worker died.
+MAX_ATTEMPTS = 5
 PULL_TIMEOUT_S = 2.0
 RETRY_DELAY_S = 2.0
 
@@ -53,7 +55,7 @@ class IngestWorker:
 
     async def start(self) -> None:
         self.queue = await self.bus.job_queue(
-            JOB_KIND, ack_wait_s=ACK_WAIT_S, max_deliver=MAX_DELIVER
+            JOB_KIND, ack_wait_s=ACK_WAIT_S, max_deliver=MAX_ATTEMPTS + 1
         )
         self.task = asyncio.create_task(self._loop(), name="ingest-worker")
 
@@ -86,6 +88,9 @@ class IngestWorker:
             log.error("ingest queue drops %s: %s", job.name, err)
             await _settle(job.term())
             return
+        if job.num_delivered > MAX_ATTEMPTS:
+            await self._give_up(job, job_id)
+            return
         try:
             async with job.keep_alive():
                 await self.ingestor.run(job_id, request.force)
@@ -101,6 +106,21 @@ class IngestWorker:
             await _settle(job.nak(RETRY_DELAY_S))
             return
         await _settle(job.ack())
+
+    async def _give_up(self, job: Job, job_id: str) -> None:
+        reason = (
+            f"ingest stopped {MAX_ATTEMPTS} times without finishing (its worker died each time)"
+        )
+        log.error("ingest job %s: %s", job.name, reason)
+        try:
+            await self.ingestor.give_up(job_id, reason)
+        except NotFound:
+            pass
+        except Exception:  # the database is away: let the queue deliver it again later
+            log.exception("ingest job %s could not be marked failed", job.name)
+            await _settle(job.nak(RETRY_DELAY_S))
+            return
+        await _settle(job.term())
 
 
 async def _settle(action: Awaitable[object]) -> None:
