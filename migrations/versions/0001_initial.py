@@ -538,6 +538,7 @@ def upgrade() -> None:
         sa.Column("webhook_id", SEQ, nullable=False),
         sa.Column("event_id", sa.String(length=36), nullable=False),
         sa.Column("event_type", sa.String(length=200), nullable=False),
+        sa.Column("body", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=32), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_time", UTC_DATETIME, nullable=False),

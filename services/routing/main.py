@@ -2,34 +2,45 @@
 
 One process serves two gRPC services: RoutingService (deployments, inference
 servers: the control plane) and PredictionService (Predict forwarded to
-Triton: the data plane), on the routing port.
+Triton: the data plane), on the routing port, plus Prometheus metrics on the
+metrics port. It follows ``aimass.registry.alias.moved`` to roll deployments
+that route to an alias.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from aimass.core.server import GrpcService
 from aimass.core.service import ServiceContext, run_service
-from aimass.routing.v1 import routing_pb2_grpc
+from aimass.routing.api import services
+from aimass.routing.config import RoutingConfig
+from aimass.routing.metrics import RoutingMetrics
+from aimass.routing.runtime import Router
+from aimass.routing.store import RoutingStore
+from aimass.routing.versions import VersionResolver
 
 SERVICE_NAME = "routing"
 
 
-async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
-    """Routing's gRPC services. Every RPC answers UNIMPLEMENTED until routing's issue lands."""
-    return [
-        GrpcService(
-            full_name="aimass.routing.v1.RoutingService",
-            servicer=routing_pb2_grpc.RoutingServiceServicer(),
-            add_to_server=routing_pb2_grpc.add_RoutingServiceServicer_to_server,
-        ),
-        GrpcService(
-            full_name="aimass.routing.v1.PredictionService",
-            servicer=routing_pb2_grpc.PredictionServiceServicer(),
-            add_to_server=routing_pb2_grpc.add_PredictionServiceServicer_to_server,
-        ),
-    ]
+async def build(ctx: ServiceContext, config: RoutingConfig | None = None) -> Sequence[GrpcService]:
+    """Routing's gRPC services over the database, the registry and the event bus of ``ctx``."""
+    config = config or RoutingConfig.from_env(ctx.settings)
+    database = ctx.database()
+    bus = await ctx.event_bus()
+    store = RoutingStore(database, notify_outbox=ctx.notify_outbox)
+    resolver = VersionResolver(ctx.channels().get("registry"), config.cache_dir)
+    metrics = RoutingMetrics()
+    router = Router(store, resolver, config, ctx.settings.max_message_mb * 1024 * 1024, metrics)
+    ctx.resources["router"] = router
+    await router.start()
+    ctx.on_close(router.close)
+    await router.subscribe_alias_moves(bus)
+    if config.metrics_port:
+        stop = metrics.serve(config.metrics_port, ctx.settings.host)
+        ctx.on_close(lambda: asyncio.to_thread(stop))
+    return services(router)
 
 
 def main() -> None:

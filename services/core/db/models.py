@@ -728,6 +728,8 @@ class WebhookDelivery(Base):
     webhook_id: Mapped[int] = _fk("webhooks.id", ondelete="CASCADE")
     event_id: Mapped[str] = mapped_column(String(36), nullable=False)
     event_type: Mapped[str] = mapped_column(String(200), nullable=False)
+    # The exact JSON body POSTed (and signed) on every attempt.
+    body: Mapped[str] = mapped_column(Text, default="")
     # PENDING, SUCCEEDED, FAILED (gave up).
     state: Mapped[str] = mapped_column(String(STATE_LEN), default="PENDING")
     attempts: Mapped[int] = mapped_column(Integer, default=0)

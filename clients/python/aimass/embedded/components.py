@@ -23,6 +23,7 @@ from aimass.embedded.errors import StackConfigError
 from aimass.embedded.layout import StackLayout
 
 NATS = "nats"
+GATEWAY = "gateway"
 MAX_PORT = 65535
 
 
@@ -124,7 +125,64 @@ def plan(settings: Settings, layout: StackLayout, services: list[str]) -> list[C
         )
         for name in services
     ]
-    return [nats, *grpc_services]
+    gateway = ComponentSpec(
+        name=GATEWAY,
+        kind="http",
+        argv=(sys.executable, "-m", "aimass.gateway"),
+        address=f"{host}:{settings.ports.gateway}",
+        ports=((GATEWAY, settings.ports.gateway),),
+        log=layout.log_of(GATEWAY),
+    )
+    # Triton (when the nvidia-pytriton wheel is installed) before routing, which loads into it.
+    triton = triton_component(settings, layout)
+    # The REST gateway (aimass.gateway) last: it proxies to the services.
+    return [nats, *([triton] if triton else []), *grpc_services, gateway]
+
+
+def triton_component(settings: Settings, layout: StackLayout) -> ComponentSpec | None:
+    """The CPU Triton of the nvidia-pytriton wheel, explicit model control, probed over gRPC
+    health; None where the wheel is not installed (routing then serves in process)."""
+    from aimass.core.triton_setup import pytriton_root
+
+    root = pytriton_root()
+    if root is None:
+        return None
+    repository = settings.home / "triton" / "models"
+    repository.mkdir(parents=True, exist_ok=True)
+    ports = settings.ports
+    return ComponentSpec(
+        name="triton",
+        kind="grpc",
+        argv=(
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={repository}",
+            f"--backend-directory={root / 'backends'}",
+            "--model-control-mode=explicit",
+            "--strict-readiness=false",
+            f"--grpc-port={ports.triton_grpc}",
+            f"--http-port={ports.triton_http}",
+            "--allow-metrics=false",
+            "--log-verbose=0",
+        ),
+        address=f"{settings.host}:{ports.triton_grpc}",
+        ports=(("triton grpc", ports.triton_grpc), ("triton http", ports.triton_http)),
+        log=layout.log_of("triton"),
+    )
+
+
+def triton_env(settings: Settings) -> dict[str, str]:
+    """Tells routing where the stack's Triton is; puts this venv's bin first on PATH, where
+    Triton's python-backend stub finds the interpreter whose packages it imports."""
+    from aimass.core.triton_setup import pytriton_root
+
+    if pytriton_root() is None:
+        return {}
+    return {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "AIMASS_ROUTING_TRITON_GRPC": f"{settings.host}:{settings.ports.triton_grpc}",
+        "AIMASS_ROUTING_TRITON_HTTP": f"{settings.host}:{settings.ports.triton_http}",
+        "AIMASS_ROUTING_TRITON_REPOSITORY": str(settings.home / "triton" / "models"),
+    }
 
 
 def _nats_argv(settings: Settings, layout: StackLayout) -> tuple[str, ...]:
@@ -156,6 +214,12 @@ def child_env(settings: Settings) -> dict[str, str]:
     )
     for name, port in settings.ports.model_dump().items():
         env[f"AIMASS_PORTS__{name.upper()}"] = str(port)
+    env.update(triton_env(settings))
+    if settings.auth.enabled and not settings.auth.internal_token:
+        # Services calling each other for no user (background work) present this token.
+        from aimass.core.auth.bootstrap import ensure_internal_token
+
+        env["AIMASS_AUTH__INTERNAL_TOKEN"] = ensure_internal_token(settings.home)
     return env
 
 

@@ -63,8 +63,30 @@ async def nats_health(host: str, port: int, timeout_s: float = 1.0) -> str:
 
 
 async def probe(kind: str, address: str, timeout_s: float = 1.0) -> str:
-    """The state of a component of the given kind ("nats" or "grpc") at host:port."""
+    """The state of a component of the given kind ("nats", "grpc" or "http") at host:port."""
     if kind == "nats":
         host, _, port = address.rpartition(":")
         return await nats_health(host, int(port), timeout_s)
+    if kind == "http":
+        host, _, port = address.rpartition(":")
+        return await http_health(host, int(port), timeout_s)
     return await grpc_health(address, timeout_s)
+
+
+async def http_health(host: str, port: int, timeout_s: float = 1.0) -> str:
+    """SERVING when GET /healthz answers 200 (the REST gateway)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError):
+        return DOWN
+    try:
+        writer.write(f"GET /healthz HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+    except (OSError, TimeoutError):
+        return NOT_SERVING
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    parts = line.split()
+    return SERVING if len(parts) >= 2 and parts[1] == b"200" else NOT_SERVING

@@ -1,0 +1,240 @@
+"""Where inferences run: a Triton server over gRPC, or ONNX Runtime inside the router.
+
+Both answer the same calls: ``check`` (health), ``load``/``unload`` (an entry
+per model version), ``index`` (what is loaded) and ``call`` (one
+ModelInferRequest as bytes in, ModelInferResponse bytes out), so the router
+treats them alike.
+
+- :class:`TritonBackend`: model control (load, unload, repository index,
+  ServerLive/ServerReady) through tritonclient's gRPC aio client, and
+  inference through a raw ``ModelInfer`` call on one pooled channel per server,
+  passing the request bytes through without parsing them.
+- :class:`InProcessBackend`: ONNX Runtime sessions in this process, for
+  stacks without Triton; requests are parsed here, inference runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from aimass.common.v1 import common_pb2
+from aimass.core.errors import AimassError, FailedPrecondition, NotFound
+from aimass.routing.pybackend import OnnxBatchRunner
+from aimass.routing.repository import (
+    TRITON_VERSION,
+    Backend,
+    ModelRepository,
+    ServingOptions,
+    Signature,
+)
+from aimass.routing.v1 import routing_pb2 as pb
+from aimass.routing.wire import datatype_of, numpy_to_raw, tensor_to_numpy
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# Server label choosing the repository backend: "python" (nvidia-pytriton) or "onnxruntime".
+BACKEND_LABEL = "aimass.io/backend"
+
+
+class UpstreamError(AimassError):
+    """A server's own error status, passed on with its code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Reconnect fast after a server comes back: ejection lasts about a second.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+
+
+class TritonBackend:
+    """One Triton server: model control through tritonclient, inference as raw bytes."""
+
+    def __init__(
+        self, address: str, repository: ModelRepository | None, max_message_bytes: int
+    ) -> None:
+        import tritonclient.grpc.aio as triton_aio
+
+        self.address = address
+        self.repository = repository
+        self.control = triton_aio.InferenceServerClient(address)
+        self.channel = grpc.aio.insecure_channel(
+            address, options=channel_options(max_message_bytes)
+        )
+        self._infer = self.channel.unary_unary(INFER_METHOD)
+
+    async def close(self) -> None:
+        await self.control.close()
+        await self.channel.close()
+
+    async def check(self, timeout_s: float) -> tuple[str, str]:
+        """("READY" | "NOT_READY" | "UNREACHABLE", reason) from ServerLive and ServerReady."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            live = await self.control.is_server_live(client_timeout=timeout_s)
+            ready = live and await self.control.is_server_ready(client_timeout=timeout_s)
+        except InferenceServerException as err:
+            return "UNREACHABLE", f"{self.address}: {err.message()}"
+        if not live:
+            return "UNREACHABLE", f"{self.address}: ServerLive is false"
+        if not ready:
+            return "NOT_READY", f"{self.address}: ServerReady is false"
+        return "READY", ""
+
+    async def load(
+        self,
+        name: str,
+        model_file: Path,
+        signature: Signature,
+        options: ServingOptions,
+        marker: dict[str, Any],
+    ) -> int:
+        """Writes the repository entry and loads it; a refusal becomes FAILED_PRECONDITION."""
+        from tritonclient.utils import InferenceServerException
+
+        if self.repository is None:
+            raise FailedPrecondition(
+                f"{self.address}: the server has no local model repository aimass can write to"
+            )
+        size = await asyncio.to_thread(
+            self.repository.write, name, model_file, signature, options, marker
+        )
+        try:
+            await self.control.load_model(name)
+        except InferenceServerException as err:
+            raise FailedPrecondition(
+                f"Triton at {self.address} refused to load {name}: {err.message()}"
+            ) from err
+        return size
+
+    async def unload(self, name: str) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            await self.control.unload_model(name)
+        except InferenceServerException as err:
+            if "not found" not in (err.message() or ""):
+                raise FailedPrecondition(
+                    f"Triton at {self.address} refused to unload {name}: {err.message()}"
+                ) from err
+        if self.repository is not None:
+            await asyncio.to_thread(self.repository.remove, name)
+
+    async def index(self) -> dict[str, str]:
+        """Triton's repository index: model name -> state ("READY", "UNAVAILABLE", ...)."""
+        index = await self.control.get_model_repository_index(as_json=True)
+        return {m["name"]: m.get("state", "") for m in index.get("models", [])}
+
+    def managed(self) -> dict[str, dict[str, Any]]:
+        return self.repository.managed() if self.repository is not None else {}
+
+    async def call(self, model: str, request: bytes, timeout_s: float) -> bytes:
+        """One inference; ``request`` already names the model (fields 1 and 2 appended)."""
+        try:
+            return await self._infer(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise UpstreamError(err.code(), f"{model}: {err.details()}") from err
+
+
+class InProcessBackend:
+    """ONNX Runtime sessions inside the routing service (no Triton on this stack)."""
+
+    address = ""
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self.runners: dict[str, OnnxBatchRunner] = {}
+
+    async def close(self) -> None:
+        self.runners.clear()
+
+    async def check(self, timeout_s: float) -> tuple[str, str]:
+        return "READY", ""
+
+    async def load(
+        self,
+        name: str,
+        model_file: Path,
+        signature: Signature,
+        options: ServingOptions,
+        marker: dict[str, Any],
+    ) -> int:
+        try:
+            runner = await asyncio.to_thread(OnnxBatchRunner, model_file, threads=self.threads)
+        except Exception as err:
+            raise FailedPrecondition(f"ONNX Runtime could not load {name}: {err}") from err
+        self.runners[name] = runner
+        return runner_size(model_file)
+
+    async def unload(self, name: str) -> None:
+        self.runners.pop(name, None)
+
+    async def index(self) -> dict[str, str]:
+        return dict.fromkeys(self.runners, "READY")
+
+    def managed(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    async def call(self, model: str, request: bytes, timeout_s: float) -> bytes:
+        runner = self.runners.get(model)
+        if runner is None:
+            raise NotFound(f"model {model} is not loaded")
+        parsed = pb.PredictRequest.FromString(request)
+        raw = list(parsed.raw_input_contents)
+        feed = {
+            tensor.name: tensor_to_numpy(tensor, raw[i] if raw else None)
+            for i, tensor in enumerate(parsed.inputs)
+        }
+        started = time.monotonic()
+        try:
+            outputs = await asyncio.wait_for(asyncio.to_thread(runner.run, feed), timeout_s)
+        except TimeoutError as err:
+            raise UpstreamError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{model}: no answer within {time.monotonic() - started:.3f} s",
+            ) from err
+        except Exception as err:
+            raise UpstreamError(grpc.StatusCode.INTERNAL, f"{model}: {err}") from err
+        wanted = [o.name for o in parsed.outputs] or list(outputs)
+        response = pb.PredictResponse(deployment=model, model_version=TRITON_VERSION, id=parsed.id)
+        for name in wanted:
+            if name not in outputs:
+                raise UpstreamError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"outputs: {model} has no output {name!r}"
+                )
+            value = outputs[name]
+            response.outputs.append(
+                common_pb2.InferTensor(name=name, datatype=datatype_of(value), shape=value.shape)
+            )
+            response.raw_output_contents.append(numpy_to_raw(value))
+        return response.SerializeToString()
+
+
+def make_backend(
+    server: pb.InferenceServer, backend: Backend, max_message_bytes: int
+) -> TritonBackend | InProcessBackend:
+    if server.kind == pb.SERVER_KIND_ONNXRUNTIME_IN_PROCESS:
+        return InProcessBackend()
+    backend = Backend(server.labels.get(BACKEND_LABEL, backend.value))
+    uri = server.model_repository_uri
+    repository = None
+    if uri and not uri.startswith("s3://"):
+        repository = ModelRepository(uri.removeprefix("file://"), backend)
+    return TritonBackend(server.grpc_address, repository, max_message_bytes)
+
+
+def runner_size(model_file: Path) -> int:
+    """Bytes of a model file, counted against a server's memory budget."""
+    return model_file.stat().st_size

@@ -1,0 +1,402 @@
+"""Benchmark of serving through aimass against NVIDIA Triton called directly, same run.
+
+    .venv/bin/python tests/bench/bench_serving.py [--quick] [--out FILE]
+
+Starts NATS, Triton (the nvidia-pytriton wheel's CPU server, python backend running
+ONNX Runtime), and the registry and routing services as their own processes; registers
+the digits MLP (64-512-256-10) and a Transformer classifier (encoder d256, 4 layers,
+4 heads, seq 64; smaller with --quick) as ONNX, deploys each with dynamic batching,
+then measures from this one client process (closed loop, grpc.aio):
+
+- Triton direct: raw ModelInfer on one channel, the baseline of every ratio;
+- the fast path: ``aimass.serving.Endpoint`` (route table watched, Triton called directly);
+- the router hop: ``PredictionService.Predict`` on the routing service;
+- the hop's ceiling: a grpc.aio server in its own process answering fixed bytes;
+- added latency of the hop at batch 1 (p50, p99), the dynamic-batching gain, and
+  canary weights (90/10) over 10,000 requests on both paths.
+
+Targets are measured in interleaved rounds and the median kept (2 noisy cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from aimass.core.db.migrate import upgrade
+from aimass.routing.v1 import routing_pb2 as pb
+from aimass.routing.v1 import routing_pb2_grpc
+from aimass.serving import Endpoint, encode_request
+from aimass.serving.endpoint import INFER_METHOD
+from tests.fixtures.nats import NatsServer
+from tests.fixtures.stack import free_port
+from tests.routing.conftest import RoutingStack, TritonProcess
+
+CEILING_SERVER = """
+import asyncio, sys, grpc
+async def main():
+    server = grpc.aio.server()
+    answer = bytes.fromhex(sys.argv[2])
+    async def handle(request, context):
+        return answer
+    handler = grpc.unary_unary_rpc_method_handler(handle)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "aimass.routing.v1.PredictionService", {"Predict": handler}),))
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+def export_mlp() -> bytes:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 512),
+        torch.nn.ReLU(),
+        torch.nn.Linear(512, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    ).eval()
+    return _export(model, torch.zeros(2, 64), "input")
+
+
+def export_transformer(quick: bool) -> bytes:
+    import torch
+
+    d, layers = (128, 2) if quick else (256, 4)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(1000, d)
+            layer = torch.nn.TransformerEncoderLayer(d, 4, d * 4, batch_first=True, dropout=0.0)
+            self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(d, 2)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+    torch.manual_seed(0)
+    return _export(Classifier().eval(), torch.zeros(2, 64, dtype=torch.int64), "tokens")
+
+
+def _export(model: object, example: object, input_name: str) -> bytes:
+    import torch
+
+    torch.set_num_threads(1)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model, (example,), buffer, input_names=[input_name], output_names=["logits"],
+        dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+    )  # fmt: skip
+    return buffer.getvalue()
+
+
+def start_service(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"aimass.{name}"], env=env, stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+async def wait_serving(address: str, timeout_s: float = 60) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} did not start")
+            await asyncio.sleep(0.2)
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[object]], concurrency: int, seconds: float
+) -> tuple[float, list[float]]:
+    """Requests per second and every latency, ``concurrency`` callers for ``seconds``."""
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    for _ in range(20):  # warm-up
+        await call()
+    began = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - began), latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000
+
+
+async def run(quick: bool) -> list[str]:
+    seconds, rounds = (1.5, 1) if quick else (4.0, 3)
+    canary_n = 2000 if quick else 10_000
+    base = Path(tempfile.mkdtemp(prefix="aimass-bench-serving-"))
+    nats = NatsServer(base / "nats")
+    nats.start()
+    triton = TritonProcess(base / "models", base / "triton.log")
+    triton.start()
+    db_url = f"sqlite:///{base / 'aimass.db'}"
+    upgrade(db_url)
+    ports = {"registry": free_port(), "routing": free_port()}
+    env = dict(os.environ)
+    env.update({
+        "AIMASS_HOME": str(base / "home"), "AIMASS_DATABASE_URL": db_url,
+        "AIMASS_ARTIFACT_ROOT": (base / "artifacts").as_uri(), "AIMASS_NATS_URL": nats.url,
+        "AIMASS_PORTS__REGISTRY": str(ports["registry"]),
+        "AIMASS_PORTS__ROUTING": str(ports["routing"]), "AIMASS_LOG_LEVEL": "WARNING",
+        "AIMASS_ROUTING_TRITON_GRPC": triton.grpc_address,
+        "AIMASS_ROUTING_TRITON_REPOSITORY": str(triton.repository),
+        "AIMASS_ROUTING_METRICS_PORT": str(free_port()),
+    })  # fmt: skip
+    ceiling_port = free_port()
+    processes = [start_service(n, env, base / f"{n}.log") for n in ("registry", "routing")]
+    try:
+        routing_address = f"127.0.0.1:{ports['routing']}"
+        await wait_serving(f"127.0.0.1:{ports['registry']}")
+        await wait_serving(routing_address)
+        return await measure(
+            base, triton, routing_address, ports, ceiling_port, seconds, rounds, canary_n,
+            quick, processes,
+        )  # fmt: skip
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+        triton.stop()
+        nats.stop()
+
+
+async def measure(
+    base: Path, triton: TritonProcess, routing_address: str, ports: dict[str, int],
+    ceiling_port: int, seconds: float, rounds: int, canary_n: int, quick: bool,
+    processes: list[subprocess.Popen[bytes]],
+) -> list[str]:  # fmt: skip
+    from aimass.registry.v1 import registry_pb2_grpc
+
+    registry_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['registry']}")
+    routing_channel = grpc.aio.insecure_channel(routing_address)
+    stack = RoutingStack(
+        settings=None, config=None,  # type: ignore[arg-type]
+        registry=registry_pb2_grpc.RegistryServiceStub(registry_channel),
+        routing=routing_pb2_grpc.RoutingServiceStub(routing_channel),
+        prediction=routing_pb2_grpc.PredictionServiceStub(routing_channel),
+        routing_address=routing_address, channels=[],
+    )  # fmt: skip
+    config = pb.ServingConfig(
+        max_batch_size=64, dynamic_batching=pb.DynamicBatching(max_queue_delay_microseconds=200),
+        instance_kind=pb.INSTANCE_KIND_CPU,
+    )  # fmt: skip
+    servers = ["inferenceServers/local-triton"]
+    mlp = await stack.register("mlp", await asyncio.to_thread(export_mlp))
+    mlp_b = await stack.register("mlp", await asyncio.to_thread(export_mlp))
+    transformer = await stack.register(
+        "transformer", await asyncio.to_thread(export_transformer, quick)
+    )
+    await stack.deploy("mlp", [(mlp, 100)], servers=servers, serving_config=config)
+    await stack.deploy("transformer", [(transformer, 100)], servers=servers, serving_config=config)
+    await stack.deploy("canary", [(mlp, 90), (mlp_b, 10)], servers=servers, serving_config=config)
+    rng = np.random.default_rng(0)
+    inputs = {
+        "mlp": {"input": rng.random((1, 64), dtype=np.float32)},
+        "transformer": {"tokens": rng.integers(0, 1000, (1, 64), dtype=np.int64)},
+    }
+    triton_channel = grpc.aio.insecure_channel(triton.grpc_address)
+    infer = triton_channel.unary_unary(INFER_METHOD)
+    predict = routing_channel.unary_unary("/aimass.routing.v1.PredictionService/Predict")
+    ceiling_answer = b""
+    results: dict[tuple[str, str, int], list[tuple[float, list[float]]]] = {}
+
+    def direct_call(model: str, name: str) -> Callable[[], Awaitable[object]]:
+        async def call() -> object:
+            request = encode_request(inputs[model])
+            request.deployment, request.model_version = name, "1"
+            return pb.PredictResponse.FromString(await infer(request.SerializeToString()))
+
+        return call
+
+    def router_call(model: str) -> Callable[[], Awaitable[object]]:
+        async def call() -> object:
+            request = encode_request(inputs[model])
+            request.deployment = f"deployments/{model}"
+            return pb.PredictResponse.FromString(await predict(request.SerializeToString()))
+
+        return call
+
+    endpoints = {m: Endpoint(routing_address, m) for m in ("mlp", "transformer", "canary")}
+    for endpoint in endpoints.values():
+        await endpoint.start()
+
+    def fast_call(model: str) -> Callable[[], Awaitable[object]]:
+        endpoint = endpoints[model]
+
+        async def call() -> object:
+            return await endpoint.predict(inputs[model])
+
+        return call
+
+    first = await router_call("mlp")()
+    ceiling_answer = first.SerializeToString()  # type: ignore[attr-defined]
+    ceiling = subprocess.Popen(  # noqa: ASYNC220 (started once, before measuring)
+        [sys.executable, "-c", CEILING_SERVER, str(ceiling_port), ceiling_answer.hex()]
+    )
+    processes.append(ceiling)
+    ceiling_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ceiling_port}")
+    ceiling_predict = ceiling_channel.unary_unary("/aimass.routing.v1.PredictionService/Predict")
+    await asyncio.sleep(1.0)
+
+    def ceiling_call() -> Callable[[], Awaitable[object]]:
+        async def call() -> object:
+            request = encode_request(inputs["mlp"])
+            request.deployment = "deployments/mlp"
+            return pb.PredictResponse.FromString(await ceiling_predict(request.SerializeToString()))
+
+        return call
+
+    names = {"mlp": "mlp-v1", "transformer": "transformer-v1"}
+    plan = []
+    for model in ("mlp", "transformer"):
+        for concurrency in (1, 16, 32):
+            plan.append((model, "direct", concurrency, direct_call(model, names[model])))
+            plan.append((model, "fast path", concurrency, fast_call(model)))
+            plan.append((model, "router", concurrency, router_call(model)))
+    for concurrency in (1, 16, 32):
+        plan.append(("mlp", "ceiling", concurrency, ceiling_call()))
+    for _ in range(rounds):
+        for model, target, concurrency, call in plan:
+            if model == "transformer" and concurrency == 1 and target == "fast path":
+                continue
+            results.setdefault((model, target, concurrency), []).append(
+                await closed_loop(call, concurrency, seconds)
+            )
+
+    def rate(model: str, target: str, concurrency: int) -> float:
+        return statistics.median(r for r, _ in results[(model, target, concurrency)])
+
+    def lat(model: str, target: str, q: float) -> float:
+        return statistics.median(pct(lats, q) for _, lats in results[(model, target, 1)])
+
+    # Canary weights over canary_n requests on both paths.
+    async def canary_router() -> pb.PredictResponse:
+        request = encode_request(inputs["mlp"])
+        request.deployment = "deployments/canary"
+        return pb.PredictResponse.FromString(await predict(request.SerializeToString()))
+
+    shares = {}
+    for path, endpoint_call in (
+        ("fast path", lambda: endpoints["canary"].predict(inputs["mlp"])),
+        ("router", canary_router),
+    ):
+        answers = []
+        for start in range(0, canary_n, 256):
+            batch = min(256, canary_n - start)
+            answers.extend(await asyncio.gather(*(endpoint_call() for _ in range(batch))))
+        shares[path] = sum(a.model_version.endswith("/2") for a in answers) / len(answers)
+
+    for endpoint in endpoints.values():
+        await endpoint.close()
+    for channel in (triton_channel, ceiling_channel, registry_channel, routing_channel):
+        await channel.close()
+
+    rows = [
+        "| measure | value | goal |",
+        "|---|---|---|",
+    ]
+    for model in ("mlp", "transformer"):
+        for concurrency in (16, 32):
+            base_rate = rate(model, "direct", concurrency)
+            rows.append(
+                f"| {model}: Triton direct, c={concurrency} | {base_rate:,.0f} req/s | baseline |"
+            )
+            rows.append(
+                f"| {model}: fast path / direct, c={concurrency} |"
+                f" {rate(model, 'fast path', concurrency) / base_rate:.2f}x"
+                f" ({rate(model, 'fast path', concurrency):,.0f} req/s) |"
+                f" {'>= 0.95' if concurrency == 32 else ''} |"
+            )
+            rows.append(
+                f"| {model}: router / direct, c={concurrency} |"
+                f" {rate(model, 'router', concurrency) / base_rate:.2f}x"
+                f" ({rate(model, 'router', concurrency):,.0f} req/s) |"
+                f" {'>= 0.85' if (model, concurrency) == ('transformer', 16) else ''} |"
+            )
+    for concurrency in (16, 32):
+        ceiling_rate = rate("mlp", "ceiling", concurrency)
+        rows.append(
+            f"| mlp: router / do-nothing grpc.aio server, c={concurrency} |"
+            f" {rate('mlp', 'router', concurrency) / ceiling_rate:.2f}x"
+            f" (ceiling {ceiling_rate:,.0f} req/s) | >= 0.6 |"
+        )
+    for q, goal in ((50, "<= 1 ms"), (99, "<= 3 ms")):
+        added = lat("mlp", "router", q) - lat("mlp", "direct", q)
+        rows.append(
+            f"| mlp: router added latency, batch 1, p{q} | {added:.2f} ms"
+            f" (direct {lat('mlp', 'direct', q):.2f} ms) | {goal} |"
+        )
+    gain = rate("mlp", "fast path", 32) / rate("mlp", "fast path", 1)
+    rows.append(f"| mlp: fast path c=32 / c=1 (dynamic batching gain) | {gain:.2f}x | >= 3x |")
+    for path, share in shares.items():
+        rows.append(
+            f"| canary 90/10 over {canary_n:,} requests, {path}: share of v2 |"
+            f" {share * 100:.1f}% | 10% +- 2 |"
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    args = parser.parse_args()
+    started = time.monotonic()
+    rows = asyncio.run(run(args.quick))
+    text = "\n".join(
+        [
+            "# Serving: aimass against Triton called directly",
+            "",
+            "One closed-loop grpc.aio client process; Triton of nvidia-pytriton (CPU, python"
+            " backend running ONNX Runtime), dynamic batching (max 64, 200 us); ratios against"
+            " Triton direct measured in the same run"
+            f" ({'--quick' if args.quick else 'full'}; {time.monotonic() - started:.0f} s).",
+            "",
+            *rows,
+            "",
+        ]
+    )
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Real components for the routing tests: a Triton server of the nvidia-pytriton wheel,
+NATS, a migrated SQLite database, the registry and the routing service, shared by the
+tests of a module (starting Triton costs seconds), and small ONNX models made here."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from aimass.common.v1 import common_pb2
+from aimass.core.db.migrate import upgrade
+from aimass.core.service import start_service
+from aimass.core.settings import Settings
+from aimass.core.triton_setup import pytriton_root
+from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
+from aimass.routing.config import RoutingConfig
+from aimass.routing.main import build
+from aimass.routing.repository import Backend
+from aimass.routing.v1 import routing_pb2 as pb
+from aimass.routing.v1 import routing_pb2_grpc
+from tests.fixtures.nats import NatsServer
+from tests.fixtures.stack import free_port, serve_service, stack_settings
+
+IN_FEATURES = 8
+CLASSES = 3
+
+
+def make_onnx(seed: int, in_features: int = IN_FEATURES) -> tuple[bytes, object]:
+    """A small MLP exported to ONNX with a dynamic batch axis, and the torch module."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(in_features, 16), torch.nn.ReLU(), torch.nn.Linear(16, CLASSES)
+    ).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (torch.zeros(2, in_features),),
+        buffer,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
+    return buffer.getvalue(), model
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, tuple[bytes, object]]:
+    return {"a": make_onnx(0), "b": make_onnx(1), "wide": make_onnx(2, in_features=12)}
+
+
+def reference(model: object, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(batch)).numpy()  # type: ignore[operator]
+
+
+class TritonProcess:
+    """tritonserver of the nvidia-pytriton wheel in explicit model-control mode."""
+
+    def __init__(self, repository: Path, log: Path) -> None:
+        self.repository = repository
+        self.log = log
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.metrics_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self) -> None:
+        root = pytriton_root()
+        assert root is not None
+        self.repository.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+        self.process = subprocess.Popen(
+            [
+                str(root / "bin" / "tritonserver"),
+                f"--model-repository={self.repository}",
+                f"--backend-directory={root / 'backends'}",
+                "--model-control-mode=explicit",
+                # Strict readiness reports the server unready while any model loads.
+                "--strict-readiness=false",
+                f"--grpc-port={self.grpc_port}",
+                f"--http-port={self.http_port}",
+                f"--metrics-port={self.metrics_port}",
+                "--log-verbose=0",
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self._wait_live()
+
+    def _wait_live(self) -> None:
+        import tritonclient.grpc as triton_grpc
+
+        client = triton_grpc.InferenceServerClient(self.grpc_address)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Triton exited: {self.log.read_text()[-2000:]}")
+            try:
+                if client.is_server_live():
+                    return
+            except Exception:
+                time.sleep(0.1)
+        raise TimeoutError(f"Triton did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
+    if pytriton_root() is None:
+        pytest.skip("the nvidia-pytriton wheel (tritonserver) is not installed")
+    base = tmp_path_factory.mktemp("triton")
+    server = TritonProcess(base / "models", base / "triton.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class RoutingStack:
+    settings: Settings
+    config: RoutingConfig
+    registry: registry_pb2_grpc.RegistryServiceStub
+    routing: routing_pb2_grpc.RoutingServiceStub
+    prediction: routing_pb2_grpc.PredictionServiceStub
+    routing_address: str
+    channels: list[grpc.aio.Channel]
+
+    async def register(self, model_id: str, data: bytes, kind: str = "onnx", signature=None) -> str:
+        """A new version of ``model_id`` (created when missing) with ``data`` as its artifact."""
+        try:
+            await self.registry.CreateRegisteredModel(
+                registry_pb2.CreateRegisteredModelRequest(
+                    registered_model=registry_pb2.RegisteredModel(), registered_model_id=model_id
+                )
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+
+        async def chunks() -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
+            header = registry_pb2.UploadArtifactHeader(
+                kind=kind,
+                file_name=f"model.{kind}",
+                sha256=hashlib.sha256(data).hexdigest(),
+                size_bytes=len(data),
+            )
+            yield registry_pb2.UploadArtifactRequest(header=header)
+            yield registry_pb2.UploadArtifactRequest(chunk=common_pb2.ByteChunk(data=data))
+
+        artifact = await self.registry.UploadArtifact(chunks())
+        version = await self.registry.CreateModelVersion(
+            registry_pb2.CreateModelVersionRequest(
+                parent=f"models/{model_id}",
+                model_version=registry_pb2.ModelVersion(
+                    artifacts=[artifact], framework="onnx", signature=signature
+                ),
+            )
+        )
+        return version.name
+
+    async def create(
+        self, deployment_id: str, routes: list[tuple[str, int]], **fields
+    ) -> pb.Deployment:
+        deployment = pb.Deployment(
+            routes=[pb.Route(model=m, weight_percent=w) for m, w in routes], **fields
+        )
+        return await self.routing.CreateDeployment(
+            pb.CreateDeploymentRequest(deployment=deployment, deployment_id=deployment_id)
+        )
+
+    async def wait_state(self, name: str, *states: str, timeout_s: float = 60) -> pb.Deployment:
+        wanted = {pb.DeploymentState.Value(f"DEPLOYMENT_STATE_{s}") for s in states}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = await self.routing.GetDeployment(pb.GetDeploymentRequest(name=name))
+            if found.state in wanted:
+                return found
+            assert time.monotonic() < deadline, f"{name} stayed {found.state}: {found.state_reason}"
+            await asyncio.sleep(0.05)
+
+    async def deploy(
+        self, deployment_id: str, routes: list[tuple[str, int]], **fields
+    ) -> pb.Deployment:
+        created = await self.create(deployment_id, routes, **fields)
+        return await self.wait_state(created.name, "READY")
+
+    async def predict(self, deployment: str, batch: np.ndarray, **fields) -> pb.PredictResponse:
+        request = predict_request(deployment, batch, **fields)
+        return await self.prediction.Predict(request)
+
+
+def predict_request(
+    deployment: str, batch: np.ndarray, name: str = "input", **fields
+) -> pb.PredictRequest:
+    return pb.PredictRequest(
+        deployment=deployment,
+        inputs=[common_pb2.InferTensor(name=name, datatype="FP32", shape=list(batch.shape))],
+        raw_input_contents=[batch.astype(np.float32).tobytes()],
+        **fields,
+    )
+
+
+def output_of(response: pb.PredictResponse) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(
+        tuple(response.outputs[0].shape)
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> AsyncIterator[RoutingStack]:
+    """registry + routing on SQLite and a fresh NATS; Triton when the module asks for it."""
+    base = tmp_path_factory.mktemp("routing")
+    nats = NatsServer(base / "nats")
+    nats.start()
+    db_url = f"sqlite:///{base / 'aimass.db'}"
+    upgrade(db_url)
+    settings = stack_settings(base / "home", db_url, nats.url, max_message_mb=4)
+    uses_triton = getattr(request.module, "USES_TRITON", False)
+    triton: TritonProcess | None = request.getfixturevalue("triton") if uses_triton else None
+    config = RoutingConfig(
+        triton_grpc=triton.grpc_address if triton else "",
+        triton_repository=str(triton.repository) if triton else "",
+        triton_backend=Backend.PYTHON,
+        metrics_port=free_port(),
+        health_interval_s=0.3,
+        cache_dir=base / "cache",
+        drain_timeout_s=5.0,
+    )
+    async with serve_service("registry", settings):
+        running, ctx = await start_service(
+            "routing",
+            functools.partial(build, config=config),
+            settings,
+            port=settings.ports.routing,
+        )
+        await ctx.resources["router"].ready.wait()
+        channels = [
+            grpc.aio.insecure_channel(settings.service_address(n)) for n in ("registry", "routing")
+        ]
+        try:
+            yield RoutingStack(
+                settings=settings,
+                config=config,
+                registry=registry_pb2_grpc.RegistryServiceStub(channels[0]),
+                routing=routing_pb2_grpc.RoutingServiceStub(channels[1]),
+                prediction=routing_pb2_grpc.PredictionServiceStub(channels[1]),
+                routing_address=settings.service_address("routing"),
+                channels=channels,
+            )
+        finally:
+            for channel in channels:
+                await channel.close()
+            await running.stop(0)
+    nats.stop()
+    shutil.rmtree(base / "nats", ignore_errors=True)
