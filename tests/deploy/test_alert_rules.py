@@ -1,0 +1,53 @@
+"""deploy/prometheus/alerts.yml: every expression parses as PromQL, every rule is
+complete, and the issue's alerts (error rate, backlog, down, job failures) exist."""
+
+from __future__ import annotations
+
+import promql_parser
+import pytest
+import yaml
+
+from tests.deploy.deploy_files import PROMETHEUS
+
+RULES = [
+    rule
+    for group in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    for rule in group["rules"]
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r["alert"] for r in RULES])
+def test_rule_is_valid_promql_with_severity_and_summary(rule):
+    promql_parser.parse(rule["expr"])
+    assert rule["labels"]["severity"] in {"warning", "critical"}
+    assert rule["annotations"]["summary"]
+    assert rule["annotations"]["description"]
+
+
+def test_a_broken_expression_is_rejected():
+    with pytest.raises(ValueError, match="parenthesis"):
+        promql_parser.parse("sum(rate(grpc_server_handled_total[5m])")
+
+
+def test_alert_names_are_unique():
+    names = [r["alert"] for r in RULES]
+    assert len(names) == len(set(names))
+
+
+def test_the_issue_alerts_are_present():
+    exprs = {r["alert"]: r["expr"] for r in RULES}
+    assert "grpc_server_handled_total" in exprs["AimassHighErrorRate"]
+    assert 'stream_name="AIMASS_JOBS"' in exprs["AimassJobQueueBacklog"]
+    assert "up{" in exprs["AimassServiceDown"]
+    assert 'aimass_jobs_total{state="failed"}' in exprs["AimassJobFailures"]
+    assert "up{" in exprs["TritonDown"]
+
+
+def test_alerts_name_scrape_jobs_that_prometheus_has():
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    assert {"aimass", "aimass-training-worker", "triton", "nats"} <= jobs
+    for rule in RULES:
+        for job in ("aimass", "triton", "nats"):
+            if f'job="{job}"' in rule["expr"]:
+                assert job in jobs
