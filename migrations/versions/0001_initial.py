@@ -191,6 +191,35 @@ def upgrade() -> None:
     op.create_index(op.f("ix_outbox_events_publish_time"), "outbox_events", ["publish_time"])
 
     op.create_table(
+        "pipeline_runs",
+        sa.Column("id", SEQ, autoincrement=True, nullable=False),
+        sa.Column("name", sa.String(length=63), nullable=False),
+        sa.Column("description", sa.Text(), nullable=False),
+        sa.Column("project", sa.String(length=63), nullable=False),
+        sa.Column("creator", sa.String(length=200), nullable=False),
+        sa.Column("labels", JSON, nullable=False),
+        sa.Column("spec", JSON, nullable=False),
+        sa.Column("state", sa.String(length=32), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("failed_stage", sa.String(length=32), nullable=False),
+        sa.Column("stages", JSON, nullable=False),
+        sa.Column("summary", JSON, nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("waiting_on", sa.String(length=300), nullable=False),
+        sa.Column("end_time", UTC_DATETIME, nullable=True),
+        sa.Column("request_id", sa.String(length=64), nullable=True),
+        sa.Column("create_time", UTC_DATETIME, nullable=False),
+        sa.Column("update_time", UTC_DATETIME, nullable=False),
+        sa.Column("etag", sa.String(length=32), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_pipeline_runs")),
+        sa.UniqueConstraint("name", name=op.f("uq_pipeline_runs_name")),
+        sa.UniqueConstraint("request_id", name=op.f("uq_pipeline_runs_request_id")),
+    )
+    op.create_index("ix_pipeline_runs_create_time", "pipeline_runs", ["create_time"])
+    op.create_index(op.f("ix_pipeline_runs_project"), "pipeline_runs", ["project"])
+    op.create_index(op.f("ix_pipeline_runs_state"), "pipeline_runs", ["state"])
+    op.create_index(op.f("ix_pipeline_runs_waiting_on"), "pipeline_runs", ["waiting_on"])
+    op.create_table(
         "processed_events",
         sa.Column("consumer", sa.String(length=100), nullable=False),
         sa.Column("event_id", sa.String(length=36), nullable=False),
@@ -729,6 +758,7 @@ def downgrade() -> None:
     op.drop_table("training_jobs")
     op.drop_table("schedules")
     op.drop_table("registered_models")
+    op.drop_table("pipeline_runs")
     op.drop_table("processed_events")
     op.drop_table("outbox_events")
     op.drop_table("job_events")

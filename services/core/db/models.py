@@ -764,3 +764,34 @@ class Schedule(Timestamps, Etagged, Base):
     # Resource name of the job the last run created.
     last_run_job: Mapped[str] = mapped_column(String(REF_LEN), default="")
     creator: Mapped[str] = mapped_column(String(200), default="")
+
+
+# ------------------------------------------------------------ pipeline service
+
+
+class PipelineRun(Timestamps, Etagged, Base):
+    """``pipelineRuns/{run}``: one run of a pipeline spec, stage by stage."""
+
+    __tablename__ = "pipeline_runs"
+    __table_args__ = (Index("ix_pipeline_runs_create_time", "create_time"),)
+
+    id: Mapped[int] = _id()
+    name: Mapped[str] = _name()
+    description: Mapped[str] = mapped_column(Text, default="")
+    project: Mapped[str] = mapped_column(String(ID_LEN), default="", index=True)
+    creator: Mapped[str] = mapped_column(String(200), default="")
+    labels: Mapped[dict[str, Any]] = _json_dict()
+    # The PipelineSpec as proto JSON.
+    spec: Mapped[dict[str, Any]] = _json_dict()
+    state: Mapped[str] = _state("RUNNING")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    failed_stage: Mapped[str] = mapped_column(String(STATE_LEN), default="")
+    # {"STAGE_TRAIN": {"state", "resource", "reason", "attempt", "start_time", "end_time"}}.
+    stages: Mapped[dict[str, Any]] = _json_dict()
+    # The PipelineSummary as proto JSON.
+    summary: Mapped[dict[str, Any]] = _json_dict()
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # The resource the running stage waits for ("trainingJobs/x"): events find their run by it.
+    waiting_on: Mapped[str] = mapped_column(String(REF_LEN), default="", index=True)
+    end_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
