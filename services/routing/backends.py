@@ -38,6 +38,8 @@ from aimass.routing.wire import datatype_of, numpy_to_raw, tensor_to_numpy
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # Server label choosing the repository backend: "python" (nvidia-pytriton) or "onnxruntime".
 BACKEND_LABEL = "aimass.io/backend"
+# Connections to each Triton for inference (requests are spread round-robin).
+CHANNELS = 2
 
 
 class UpstreamError(AimassError):
@@ -62,21 +64,36 @@ class TritonBackend:
     """One Triton server: model control through tritonclient, inference as raw bytes."""
 
     def __init__(
-        self, address: str, repository: ModelRepository | None, max_message_bytes: int
+        self,
+        address: str,
+        repository: ModelRepository | None,
+        max_message_bytes: int,
+        channels: int = CHANNELS,
     ) -> None:
         import tritonclient.grpc.aio as triton_aio
 
         self.address = address
         self.repository = repository
         self.control = triton_aio.InferenceServerClient(address)
-        self.channel = grpc.aio.insecure_channel(
-            address, options=channel_options(max_message_bytes)
-        )
-        self._infer = self.channel.unary_unary(INFER_METHOD)
+        # Several connections, not one: a local subchannel pool per channel keeps
+        # gRPC from folding them onto one shared HTTP/2 connection.
+        self.channels = [
+            grpc.aio.insecure_channel(
+                address,
+                options=[
+                    *channel_options(max_message_bytes),
+                    ("grpc.use_local_subchannel_pool", 1),
+                ],
+            )
+            for _ in range(max(channels, 1))
+        ]
+        self._infers = [c.unary_unary(INFER_METHOD) for c in self.channels]
+        self._next = 0
 
     async def close(self) -> None:
         await self.control.close()
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
     async def check(self, timeout_s: float) -> tuple[str, str]:
         """("READY" | "NOT_READY" | "UNREACHABLE", reason) from ServerLive and ServerReady."""
@@ -140,10 +157,17 @@ class TritonBackend:
     def managed(self) -> dict[str, dict[str, Any]]:
         return self.repository.managed() if self.repository is not None else {}
 
-    async def call(self, model: str, request: bytes, timeout_s: float) -> bytes:
+    async def call(
+        self,
+        model: str,
+        request: bytes,
+        timeout_s: float,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> bytes:
         """One inference; ``request`` already names the model (fields 1 and 2 appended)."""
+        self._next = (self._next + 1) % len(self._infers)
         try:
-            return await self._infer(request, timeout=timeout_s)
+            return await self._infers[self._next](request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as err:
             raise UpstreamError(err.code(), f"{model}: {err.details()}") from err
 
@@ -187,7 +211,13 @@ class InProcessBackend:
     def managed(self) -> dict[str, dict[str, Any]]:
         return {}
 
-    async def call(self, model: str, request: bytes, timeout_s: float) -> bytes:
+    async def call(
+        self,
+        model: str,
+        request: bytes,
+        timeout_s: float,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> bytes:
         runner = self.runners.get(model)
         if runner is None:
             raise NotFound(f"model {model} is not loaded")

@@ -2,8 +2,10 @@
 
 Per deployment and version: requests by status code and latency; per server:
 requests in flight; model loads, unloads and evictions; shadow comparisons.
-Label children are looked up once per (deployment, version) and kept, so a
-request costs two lock-protected additions, not label hashing.
+Label children are looked up once per (deployment, version, code) and kept, so
+a request costs two lock-protected additions, not label hashing. The request
+count and total time are also OpenTelemetry observable counters
+(``aimass.predict.requests``, ``aimass.predict.duration``), read at collection.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class RoutingMetrics:
-    def __init__(self) -> None:
+    def __init__(self, meter_provider: otel_metrics.MeterProvider | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "aimass_predict_requests",
@@ -50,16 +54,54 @@ class RoutingMetrics:
             ["deployment", "model_version", "result"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, list[float]]] = {}
+        self._register_otel(meter_provider)
+
+    def _register_otel(self, provider: otel_metrics.MeterProvider | None) -> None:
+        """The same request counts as OpenTelemetry observable instruments.
+
+        Observable: the meter reads the totals kept here when it collects, so a
+        request pays nothing for OpenTelemetry (no attribute hashing per call).
+        With no MeterProvider installed the API is a no-op.
+        """
+        meter = otel_metrics.get_meter("aimass.routing", meter_provider=provider)
+        meter.create_observable_counter(
+            "aimass.predict.requests",
+            callbacks=[self._observe_requests],
+            unit="{request}",
+            description="Predict requests through the router, by deployment, version and code.",
+        )
+        meter.create_observable_counter(
+            "aimass.predict.duration",
+            callbacks=[self._observe_duration],
+            unit="s",
+            description="Total seconds spent in Predict (divide by the requests for the mean).",
+        )
+
+    def _attributes(self, key: tuple[str, str, str]) -> dict[str, str]:
+        return {"deployment": key[0], "model_version": key[1], "code": key[2]}
+
+    def _observe_requests(self, options: CallbackOptions) -> list[Observation]:
+        return [Observation(int(t[2][0]), self._attributes(k)) for k, t in self._children.items()]
+
+    def _observe_duration(self, options: CallbackOptions) -> list[Observation]:
+        return [Observation(t[2][1], self._attributes(k)) for k, t in self._children.items()]
 
     def observe(self, deployment: str, version: str, code: str, seconds: float) -> None:
-        key = (deployment, version)
-        latency = self._children.get(key)
-        if latency is None:
-            latency = (self.latency.labels(deployment, version), None)
-            self._children[key] = latency
-        latency[0].observe(seconds)
-        self.requests.labels(deployment, version, code).inc()
+        key = (deployment, version, code)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.latency.labels(deployment, version),
+                self.requests.labels(deployment, version, code),
+                [0.0, 0.0],
+            )
+            self._children[key] = children
+        children[0].observe(seconds)
+        children[1].inc()
+        totals = children[2]
+        totals[0] += 1
+        totals[1] += seconds
 
     def serve(self, port: int, host: str) -> Callable[[], None]:
         """Starts the exposition endpoint; returns its stop function."""

@@ -24,9 +24,10 @@ from aimass.routing.repository import (
     TRITON_VERSION,
     ServingOptions,
     Signature,
-    triton_model_name,
+    entry_name,
 )
 from aimass.routing.v1 import routing_pb2 as pb
+from aimass.routing.wire import string_field
 
 DEFAULT_TIMEOUT_S = 10.0
 # How long a server that answered UNAVAILABLE is skipped before it is tried again.
@@ -123,6 +124,9 @@ class Plan:
     version_in_flight: Counter[str] = field(default_factory=Counter)
     _bounds: list[float] = field(default_factory=list)
     _versions: list[str] = field(default_factory=list)
+    # Per version, computed once: (entry name, bytes appended to the request for
+    # Triton, bytes appended to Triton's answer). Predict pays no encoding.
+    _wire: dict[str, tuple[str, bytes, bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         total = 0.0
@@ -131,6 +135,22 @@ class Plan:
                 total += weight
                 self._bounds.append(total)
                 self._versions.append(version)
+        for version in self.versions():
+            model = entry_name(version, self.options)
+            self._wire[version] = (
+                model,
+                string_field(1, model) + string_field(2, TRITON_VERSION),
+                string_field(1, self.deployment.name) + string_field(2, version),
+            )
+
+    def model_name(self, version: str) -> str:
+        """The Triton entry serving ``version`` for this deployment."""
+        wire = self._wire.get(version)
+        return wire[0] if wire is not None else entry_name(version, self.options)
+
+    def wire(self, version: str) -> tuple[str, bytes, bytes]:
+        """(entry name, request suffix for Triton, response suffix for the caller)."""
+        return self._wire[version]
 
     @property
     def name(self) -> str:
@@ -153,7 +173,7 @@ class Plan:
 
     def choose(self, version: str, exclude: set[str]) -> ServerRuntime | None:
         """The healthy server holding ``version`` with the fewest requests outstanding."""
-        model = triton_model_name(version)
+        model = self.model_name(version)
         best = None
         for server in self.servers:
             if server.name in exclude or not server.healthy or not server.has_ready(model):
@@ -188,7 +208,7 @@ class Plan:
     def _entries(self, routes: list[tuple[str, float]]) -> list[pb.RouteEntry]:
         entries = []
         for version, weight in routes:
-            model = triton_model_name(version)
+            model = self.model_name(version)
             holders = [s for s in self.servers if s.healthy and s.has_ready(model)]
             for server in holders:
                 entries.append(

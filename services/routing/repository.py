@@ -20,6 +20,7 @@ limit), and ``instance_group`` (count and kind).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -127,6 +128,27 @@ def triton_model_name(model_version: str) -> str:
             "model_version", f"{model_version!r} is not models/{{m}}/versions/{{n}}"
         )
     return f"{match.group(1)}-v{match.group(2)}"
+
+
+def entry_name(model_version: str, options: ServingOptions) -> str:
+    """The repository entry of a version served with ``options``: ``digits-v3-1a2b3c4d``.
+
+    The suffix hashes what config.pbtxt carries (batching, instance groups), so
+    two deployments of one version with different serving configs get two
+    entries instead of sharing whichever was loaded last; with equal configs
+    they share one.
+    """
+    shaped = (
+        options.max_batch_size,
+        options.dynamic_batching,
+        options.max_queue_delay_us if options.dynamic_batching else 0,
+        options.preferred_batch_sizes if options.dynamic_batching else (),
+        options.instance_count,
+        options.instance_kind,
+        sorted(options.extra.items()),
+    )
+    digest = hashlib.blake2b(repr(shaped).encode(), digest_size=4).hexdigest()
+    return f"{triton_model_name(model_version)}-{digest}"
 
 
 def signature_from_onnx(path: str | Path) -> Signature:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from aimass.core.errors import (
     AimassError,
@@ -39,16 +41,17 @@ from aimass.core.errors import (
     Unavailable,
 )
 from aimass.core.events import Envelope, EventBus, unpack
+from aimass.core.telemetry import inject_headers
 from aimass.events.v1 import events_pb2
 from aimass.routing.backends import UpstreamError, make_backend
 from aimass.routing.config import RoutingConfig
 from aimass.routing.metrics import RoutingMetrics
 from aimass.routing.plan import LoadedModel, Plan, ServerRuntime, serving_options
-from aimass.routing.repository import TRITON_VERSION, ServingOptions, triton_model_name
+from aimass.routing.repository import ServingOptions, entry_name
 from aimass.routing.store import RoutingStore, check_id
 from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.versions import VersionInfo, VersionResolver, check_model_reference
-from aimass.routing.wire import string_field, validate_inputs
+from aimass.routing.wire import validate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ IN_PROCESS = "inferenceServers/in-process"
 ALIAS_CONSUMER = "routing-on-alias-moved"
 TOPIC_ALIAS_MOVED = "aimass.registry.alias.moved"
 MAX_SHADOW_IN_FLIGHT = 64
+_TRACER = trace.get_tracer("aimass.routing")
 
 
 @dataclass
@@ -189,7 +193,7 @@ class Router:
         for plan in self.plans.values():
             if runtime in plan.servers:
                 for version in plan.versions():
-                    users.setdefault(triton_model_name(version), []).append(plan.name)
+                    users.setdefault(plan.model_name(version), []).append(plan.name)
         for model in runtime.models.values():
             view.loaded_models.append(
                 pb.LoadedModel(
@@ -320,7 +324,7 @@ class Router:
 
     def _needed(self, runtime: ServerRuntime) -> set[str]:
         return {
-            triton_model_name(v)
+            plan.model_name(v)
             for plan in self.plans.values()
             if runtime in plan.servers
             for v in plan.versions()
@@ -557,7 +561,7 @@ class Router:
     async def _ensure_loaded(
         self, runtime: ServerRuntime, info: VersionInfo, options: ServingOptions
     ) -> LoadedModel:
-        name = triton_model_name(info.name)
+        name = entry_name(info.name, options)
         async with self._server_lock(runtime):
             loaded = runtime.models.get(name)
             if loaded is not None and loaded.state == "READY":
@@ -696,10 +700,7 @@ class Router:
                 retry_after_s=0.05,
             )
         validate_inputs(
-            list(request.inputs),
-            list(request.raw_input_contents),
-            plan.signature,
-            options.max_batch_size,
+            request.inputs, request.raw_input_contents, plan.signature, options.max_batch_size
         )
         if request.model_version:
             if request.model_version not in plan.versions():
@@ -721,7 +722,7 @@ class Router:
             response = await self._forward(plan, version, raw, started + timeout)
             if plan.shadow is not None and random.random() * 100 < plan.shadow[1]:
                 self._shadow(plan, raw, response)
-            return response + string_field(1, plan.name) + string_field(2, version)
+            return response + plan.wire(version)[2]
         except AimassError as err:
             code = err.code.name
             raise
@@ -730,8 +731,8 @@ class Router:
             self.metrics.observe(plan.name, version, code, time.monotonic() - started)
 
     async def _forward(self, plan: Plan, version: str, raw: bytes, deadline: float) -> bytes:
-        model = triton_model_name(version)
-        forward = raw + string_field(1, model) + string_field(2, TRITON_VERSION)
+        model, suffix, _ = plan.wire(version)
+        forward = raw + suffix
         tried: set[str] = set()
         attempts = plan.options.max_retries + 1
         last_error: AimassError | None = None
@@ -748,7 +749,7 @@ class Router:
                 loaded.in_flight += 1
                 loaded.last_used = time.monotonic()
             try:
-                return await server.backend.call(model, forward, remaining)
+                return await self._call(plan, version, server, model, forward, remaining)
             except UpstreamError as err:
                 if err.code != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -762,6 +763,45 @@ class Router:
         if last_error is not None:
             raise last_error
         raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{plan.name}: deadline exceeded")
+
+    async def _call(
+        self,
+        plan: Plan,
+        version: str,
+        server: ServerRuntime,
+        model: str,
+        request: bytes,
+        timeout_s: float,
+    ) -> bytes:
+        """One call to a server, in a CLIENT span (child of the Predict span) when tracing.
+
+        The span's context goes to Triton as W3C ``traceparent`` metadata, so a
+        Triton with OpenTelemetry tracing continues the same trace.
+        """
+        if not trace.get_current_span().is_recording():
+            return await server.backend.call(model, request, timeout_s)
+        with _TRACER.start_as_current_span(
+            "triton ModelInfer",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "inference.GRPCInferenceService",
+                "rpc.method": "ModelInfer",
+                "aimass.deployment": plan.name,
+                "aimass.model_version": version,
+                "aimass.inference_server": server.name,
+                "triton.model_name": model,
+                "server.address": server.proto.grpc_address,
+            },
+        ) as span:
+            try:
+                return await server.backend.call(
+                    model, request, timeout_s, tuple(inject_headers().items())
+                )
+            except UpstreamError as err:
+                span.set_status(Status(StatusCode.ERROR, err.code.name))
+                span.set_attribute("rpc.grpc.status_code", err.code.value[0])
+                raise
 
     async def _load_on_demand(
         self, plan: Plan, version: str, tried: set[str], deadline: float
@@ -835,7 +875,7 @@ class Router:
         response = pb.GetDeploymentHealthResponse(deployment=plan.name, live=True)
         ready_versions = set()
         for version in plan.versions():
-            model = triton_model_name(version)
+            model = plan.model_name(version)
             for server in plan.servers:
                 model_ready = False
                 reason = server.reason

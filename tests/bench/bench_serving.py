@@ -8,14 +8,17 @@ the digits MLP (64-512-256-10) and a Transformer classifier (encoder d256, 4 lay
 4 heads, seq 64; smaller with --quick) as ONNX, deploys each with dynamic batching,
 then measures from this one client process (closed loop, grpc.aio):
 
-- Triton direct: raw ModelInfer on one channel, the baseline of every ratio;
+- Triton direct: raw ModelInfer on one channel, outputs decoded to numpy as the SDK
+  does, the baseline of every ratio;
 - the fast path: ``aimass.serving.Endpoint`` (route table watched, Triton called directly);
 - the router hop: ``PredictionService.Predict`` on the routing service;
-- the hop's ceiling: a grpc.aio server in its own process answering fixed bytes;
+- the hop's ceiling: a grpc.aio server in its own process answering fixed bytes, and
+  the same server behind aimass's interceptor and tracer (the interceptor's cost);
 - added latency of the hop at batch 1 (p50, p99), the dynamic-batching gain, and
   canary weights (90/10) over 10,000 requests on both paths.
 
 Targets are measured in interleaved rounds and the median kept (2 noisy cores).
+``--profile-router FILE`` runs the routing service under cProfile and writes its stats.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import io
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +45,7 @@ from aimass.core.db.migrate import upgrade
 from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.v1 import routing_pb2_grpc
 from aimass.serving import Endpoint, encode_request
-from aimass.serving.endpoint import INFER_METHOD
+from aimass.serving.endpoint import INFER_METHOD, decode_response
 from tests.fixtures.nats import NatsServer
 from tests.fixtures.stack import free_port
 from tests.routing.conftest import RoutingStack, TritonProcess
@@ -49,7 +53,14 @@ from tests.routing.conftest import RoutingStack, TritonProcess
 CEILING_SERVER = """
 import asyncio, sys, grpc
 async def main():
-    server = grpc.aio.server()
+    interceptors = []
+    if sys.argv[3] == "intercepted":  # what every aimass service runs (see run_service)
+        from aimass.core.interceptors import AimassServerInterceptor
+        from aimass.core.settings import TracingSettings
+        from aimass.core.telemetry import configure_tracing
+        configure_tracing("routing", TracingSettings())
+        interceptors = [AimassServerInterceptor("routing")]
+    server = grpc.aio.server(interceptors=interceptors)
     answer = bytes.fromhex(sys.argv[2])
     async def handle(request, context):
         return answer
@@ -109,11 +120,29 @@ def _export(model: object, example: object, input_name: str) -> bytes:
     return buffer.getvalue()
 
 
-def start_service(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", f"aimass.{name}"], env=env, stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+PROFILED_SERVICE = """
+import cProfile, signal, sys
+from aimass.core.service import run_service
+profiler = cProfile.Profile()
+def dump(*_):
+    profiler.disable()
+    profiler.dump_stats(sys.argv[2])
+    raise SystemExit(0)
+signal.signal(signal.SIGUSR1, dump)
+module = __import__(f"aimass.{sys.argv[1]}.main", fromlist=["build"])
+profiler.enable()
+run_service(sys.argv[1], module.build)
+"""
+
+
+def start_service(
+    name: str, env: dict[str, str], log: Path, profile: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """The service as its own process; with ``profile``, under cProfile (stats on SIGUSR1)."""
+    command = [sys.executable, "-m", f"aimass.{name}"]
+    if profile is not None:
+        command = [sys.executable, "-c", PROFILED_SERVICE, name, str(profile)]
+    return subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
 async def wait_serving(address: str, timeout_s: float = 60) -> None:
@@ -158,7 +187,7 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000
 
 
-async def run(quick: bool) -> list[str]:
+async def run(quick: bool, profile: Path | None = None) -> list[str]:
     seconds, rounds = (1.5, 1) if quick else (4.0, 3)
     canary_n = 2000 if quick else 10_000
     base = Path(tempfile.mkdtemp(prefix="aimass-bench-serving-"))
@@ -180,7 +209,10 @@ async def run(quick: bool) -> list[str]:
         "AIMASS_ROUTING_METRICS_PORT": str(free_port()),
     })  # fmt: skip
     ceiling_port = free_port()
-    processes = [start_service(n, env, base / f"{n}.log") for n in ("registry", "routing")]
+    processes = [
+        start_service("registry", env, base / "registry.log"),
+        start_service("routing", env, base / "routing.log", profile),
+    ]
     try:
         routing_address = f"127.0.0.1:{ports['routing']}"
         await wait_serving(f"127.0.0.1:{ports['registry']}")
@@ -190,6 +222,9 @@ async def run(quick: bool) -> list[str]:
             quick, processes,
         )  # fmt: skip
     finally:
+        if profile is not None:
+            processes[1].send_signal(signal.SIGUSR1)
+            processes[1].wait(timeout=60)
         for process in processes:
             process.terminate()
             process.wait(timeout=30)
@@ -241,7 +276,10 @@ async def measure(
         async def call() -> object:
             request = encode_request(inputs[model])
             request.deployment, request.model_version = name, "1"
-            return pb.PredictResponse.FromString(await infer(request.SerializeToString()))
+            # Outputs decoded to numpy, as any caller (and the SDK) does.
+            return decode_response(
+                pb.PredictResponse.FromString(await infer(request.SerializeToString()))
+            )
 
         return call
 
@@ -267,15 +305,20 @@ async def measure(
 
     first = await router_call("mlp")()
     ceiling_answer = first.SerializeToString()  # type: ignore[attr-defined]
-    ceiling = subprocess.Popen(  # noqa: ASYNC220 (started once, before measuring)
-        [sys.executable, "-c", CEILING_SERVER, str(ceiling_port), ceiling_answer.hex()]
-    )
-    processes.append(ceiling)
-    ceiling_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ceiling_port}")
-    ceiling_predict = ceiling_channel.unary_unary("/aimass.routing.v1.PredictionService/Predict")
-    await asyncio.sleep(1.0)
+    ceiling_channels = []
+    intercepted_port = free_port()
+    for port, mode in ((ceiling_port, "plain"), (intercepted_port, "intercepted")):
+        processes.append(
+            subprocess.Popen(  # noqa: ASYNC220 (started once, before measuring)
+                [sys.executable, "-c", CEILING_SERVER, str(port), ceiling_answer.hex(), mode]
+            )
+        )
+        ceiling_channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+    await asyncio.sleep(2.0)
 
-    def ceiling_call() -> Callable[[], Awaitable[object]]:
+    def ceiling_call(channel: grpc.aio.Channel) -> Callable[[], Awaitable[object]]:
+        ceiling_predict = channel.unary_unary("/aimass.routing.v1.PredictionService/Predict")
+
         async def call() -> object:
             request = encode_request(inputs["mlp"])
             request.deployment = "deployments/mlp"
@@ -283,7 +326,7 @@ async def measure(
 
         return call
 
-    names = {"mlp": "mlp-v1", "transformer": "transformer-v1"}
+    names = {m: endpoints[m].route_table.entries[0].triton_model_name for m in inputs}
     plan = []
     for model in ("mlp", "transformer"):
         for concurrency in (1, 16, 32):
@@ -291,7 +334,8 @@ async def measure(
             plan.append((model, "fast path", concurrency, fast_call(model)))
             plan.append((model, "router", concurrency, router_call(model)))
     for concurrency in (1, 16, 32):
-        plan.append(("mlp", "ceiling", concurrency, ceiling_call()))
+        plan.append(("mlp", "ceiling", concurrency, ceiling_call(ceiling_channels[0])))
+        plan.append(("mlp", "intercepted", concurrency, ceiling_call(ceiling_channels[1])))
     for _ in range(rounds):
         for model, target, concurrency, call in plan:
             if model == "transformer" and concurrency == 1 and target == "fast path":
@@ -325,7 +369,7 @@ async def measure(
 
     for endpoint in endpoints.values():
         await endpoint.close()
-    for channel in (triton_channel, ceiling_channel, registry_channel, routing_channel):
+    for channel in (triton_channel, *ceiling_channels, registry_channel, routing_channel):
         await channel.close()
 
     rows = [
@@ -357,6 +401,11 @@ async def measure(
             f" {rate('mlp', 'router', concurrency) / ceiling_rate:.2f}x"
             f" (ceiling {ceiling_rate:,.0f} req/s) | >= 0.6 |"
         )
+        rows.append(
+            f"| do-nothing server with aimass's interceptor / without, c={concurrency} |"
+            f" {rate('mlp', 'intercepted', concurrency) / ceiling_rate:.2f}x"
+            f" ({rate('mlp', 'intercepted', concurrency):,.0f} req/s) | (cost of the interceptor) |"
+        )
     for q, goal in ((50, "<= 1 ms"), (99, "<= 3 ms")):
         added = lat("mlp", "router", q) - lat("mlp", "direct", q)
         rows.append(
@@ -377,9 +426,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument(
+        "--profile-router", type=Path, help="run the routing service under cProfile, stats here"
+    )
     args = parser.parse_args()
     started = time.monotonic()
-    rows = asyncio.run(run(args.quick))
+    rows = asyncio.run(run(args.quick, args.profile_router))
     text = "\n".join(
         [
             "# Serving: aimass against Triton called directly",

@@ -163,6 +163,8 @@ class RoutingStack:
     prediction: routing_pb2_grpc.PredictionServiceStub
     routing_address: str
     channels: list[grpc.aio.Channel]
+    # The in-process routing service's Router (None when it runs as its own process).
+    router: object = None
 
     async def register(self, model_id: str, data: bytes, kind: str = "onnx", signature=None) -> str:
         """A new version of ``model_id`` (created when missing) with ``data`` as its artifact."""
@@ -287,6 +289,7 @@ async def stack(
                 prediction=routing_pb2_grpc.PredictionServiceStub(channels[1]),
                 routing_address=settings.service_address("routing"),
                 channels=channels,
+                router=ctx.resources["router"],
             )
         finally:
             for channel in channels:

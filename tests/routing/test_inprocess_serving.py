@@ -183,3 +183,31 @@ async def test_cli_deploy_and_predict(stack, models):
     assert "add up to 50" in result.output
     result = await asyncio.to_thread(invoke, "deploy", "list", *address)
     assert "deployments/cli" in result.output
+
+
+async def test_opentelemetry_metrics_count_requests(stack, models):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from aimass.routing.metrics import RoutingMetrics
+
+    reader = InMemoryMetricReader()
+    router = stack.router
+    kept, router.metrics = router.metrics, RoutingMetrics(MeterProvider(metric_readers=[reader]))
+    try:
+        for _ in range(2):
+            await stack.predict("deployments/counted", np.ones((1, 8), np.float32))
+    finally:
+        router.metrics = kept
+    found = {
+        metric.name: metric.data.data_points
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    (requests,) = found["aimass.predict.requests"]
+    assert requests.value == 2
+    assert requests.attributes["deployment"] == "deployments/counted"
+    assert requests.attributes["code"] == "OK"
+    (duration,) = found["aimass.predict.duration"]
+    assert duration.value > 0

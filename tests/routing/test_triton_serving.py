@@ -5,6 +5,7 @@ canary weights, alias rolls without dropped requests, refused loads, memory budg
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import numpy as np
@@ -32,7 +33,8 @@ def batching(max_batch: int = 16, **more) -> pb.ServingConfig:
     )
 
 
-async def triton_index(triton) -> dict[str, str]:
+async def full_index(triton) -> dict[str, str]:
+    """Triton's repository index: entry name -> state."""
     client = triton_aio.InferenceServerClient(triton.grpc_address)
     try:
         index = await client.get_model_repository_index(as_json=True)
@@ -41,13 +43,28 @@ async def triton_index(triton) -> dict[str, str]:
     return {m["name"]: m.get("state", "") for m in index.get("models", [])}
 
 
+def version_of(entry: str) -> str:
+    """``digits-v1-1a2b3c4d`` -> ``digits-v1`` (the serving-config hash dropped)."""
+    return entry.rsplit("-", 1)[0]
+
+
+async def triton_index(triton) -> dict[str, str]:
+    """Like full_index, keyed by version (one serving config per version in these tests)."""
+    return {version_of(name): state for name, state in (await full_index(triton)).items()}
+
+
+def entry_dir(triton, version: str):
+    (found,) = [p for p in triton.repository.iterdir() if version_of(p.name) == version]
+    return found
+
+
 async def test_predict_through_triton_matches_onnx(stack, models, triton):
     version = await stack.register("digits", models["a"][0])
     deployment = await stack.deploy(
         "digits", [(version, 100)], servers=[TRITON], serving_config=batching()
     )
     assert deployment.revision >= 1
-    config = (triton.repository / "digits-v1" / "config.pbtxt").read_text()
+    config = (entry_dir(triton, "digits-v1") / "config.pbtxt").read_text()
     assert "dynamic_batching" in config
     assert "max_batch_size: 16" in config
     assert "KIND_CPU" in config
@@ -74,12 +91,12 @@ async def test_predict_through_triton_matches_onnx(stack, models, triton):
     table = await stack.routing.GetRouteTable(
         pb.GetRouteTableRequest(name="deployments/digits/routeTable")
     )
-    assert [(e.triton_model_name, e.grpc_address, e.weight) for e in table.entries] == [
+    assert [(version_of(e.triton_model_name), e.grpc_address, e.weight) for e in table.entries] == [
         ("digits-v1", triton.grpc_address, 100.0)
     ]
     server = await stack.routing.GetInferenceServer(pb.GetInferenceServerRequest(name=TRITON))
     assert server.ready
-    assert [m.triton_model_name for m in server.loaded_models] == ["digits-v1"]
+    assert [version_of(m.triton_model_name) for m in server.loaded_models] == ["digits-v1"]
     assert server.loaded_models[0].deployments == ["deployments/digits"]
 
 
@@ -346,3 +363,135 @@ async def test_memory_budget_unloads_lru_and_loads_on_demand(stack, models, trit
                 update_mask=field_mask_pb2.FieldMask(paths=["memory_budget_bytes"]),
             )
         )
+
+
+async def test_one_version_with_two_serving_configs_gets_two_entries(stack, triton):
+    version = "models/digits/versions/1"
+    same = await stack.deploy("cfg-same", [(version, 100)], serving_config=batching())
+    small = await stack.deploy("cfg-small", [(version, 100)], serving_config=batching(max_batch=4))
+    tables = {
+        name: await stack.routing.GetRouteTable(
+            pb.GetRouteTableRequest(name=f"deployments/{name}/routeTable")
+        )
+        for name in ("digits", "cfg-same", "cfg-small")
+    }
+    entry = {name: table.entries[0].triton_model_name for name, table in tables.items()}
+    # Equal configs share Triton's entry; a different config gets its own.
+    assert entry["cfg-same"] == entry["digits"]
+    assert entry["cfg-small"] != entry["digits"]
+    index = await full_index(triton)
+    assert index[entry["digits"]] == index[entry["cfg-small"]] == "READY"
+    config = (triton.repository / entry["cfg-small"] / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in config
+    batch = np.ones((8, 8), np.float32)
+    assert (await stack.predict(same.name, batch)).model_version == version
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.predict(small.name, batch)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for name in ("cfg-same", "cfg-small"):
+        await stack.routing.DeleteDeployment(pb.DeleteDeploymentRequest(name=f"deployments/{name}"))
+    for _ in range(100):
+        index = await full_index(triton)
+        if index.get(entry["cfg-small"]) != "READY":
+            break
+        await asyncio.sleep(0.05)
+    assert index.get(entry["cfg-small"]) != "READY"
+    assert index[entry["digits"]] == "READY"
+
+
+async def test_trace_spans_router_then_triton_call(stack, tmp_path):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from aimass.core.telemetry import JsonLinesSpanExporter
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    spans_file = tmp_path / "spans.jsonl"
+    trace.get_tracer_provider().add_span_processor(
+        SimpleSpanProcessor(JsonLinesSpanExporter(spans_file))
+    )
+    backend = stack.router.servers[TRITON].backend
+    real_call, sent = backend.call, []
+
+    async def spy(model, request, timeout_s, metadata=None):
+        sent.append(dict(metadata or ()))
+        return await real_call(model, request, timeout_s, metadata)
+
+    backend.call = spy
+    try:
+        answer = await stack.predict("deployments/digits", np.ones((1, 8), np.float32))
+    finally:
+        del backend.call
+    import json
+
+    spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    (server,) = [s for s in spans if s["name"].endswith("PredictionService/Predict")]
+    (call,) = [s for s in spans if s["name"] == "triton ModelInfer"]
+    assert server["kind"] == "SpanKind.SERVER"
+    assert call["kind"] == "SpanKind.CLIENT"
+    assert call["parent_id"] == server["context"]["span_id"]
+    assert call["context"]["trace_id"] == server["context"]["trace_id"]
+    assert call["attributes"]["aimass.deployment"] == "deployments/digits"
+    assert call["attributes"]["aimass.model_version"] == answer.model_version
+    assert call["attributes"]["aimass.inference_server"] == TRITON
+    assert version_of(call["attributes"]["triton.model_name"]) == "digits-v1"
+    # Triton got the call span's context as W3C metadata.
+    trace_id, span_id = call["context"]["trace_id"][2:], call["context"]["span_id"][2:]
+    assert sent[-1]["traceparent"].startswith(f"00-{trace_id}-{span_id}-")
+
+
+async def test_restart_reconciles_triton_with_the_deployments(stack, triton):
+    """A routing process starting on the same database and Triton (what a restart does)
+    loads what the deployments need and unloads aimass's entries nobody needs."""
+    import functools
+    import shutil
+
+    from aimass.core.service import start_service
+    from aimass.routing.main import build
+    from aimass.routing.plan import serving_options
+    from aimass.routing.repository import entry_name
+    from tests.fixtures.stack import free_port
+
+    listed = await stack.routing.ListDeployments(pb.ListDeploymentsRequest(page_size=100))
+    expected = set()
+    for deployment in listed.deployments:
+        if deployment.state != pb.DEPLOYMENT_STATE_READY:
+            continue
+        options = serving_options(deployment.serving_config, 1024)
+        versions = [r.resolved_version for r in deployment.routes]
+        if deployment.shadow.resolved_version:
+            versions.append(deployment.shadow.resolved_version)
+        expected |= {entry_name(v, options) for v in versions}
+    assert len(expected) >= 3
+    # Triton drifts from aimass while no router runs: a needed entry unloaded, an
+    # entry aimass wrote for a deployment that is gone still loaded.
+    before = await full_index(triton)
+    missing = min(name for name in expected if before.get(name) == "READY")
+    ghost = "ghost-v1-00000000"
+    shutil.copytree(triton.repository / missing, triton.repository / ghost)
+    config_file = triton.repository / ghost / "config.pbtxt"
+    config_file.write_text(config_file.read_text().replace(missing, ghost))
+    client = triton_aio.InferenceServerClient(triton.grpc_address)
+    try:
+        await client.unload_model(missing)
+        await client.load_model(ghost)
+        assert (await full_index(triton))[ghost] == "READY"
+        assert (await full_index(triton))[missing] != "READY"
+        config = dataclasses.replace(stack.config, metrics_port=0)
+        running, ctx = await start_service(
+            "routing",
+            functools.partial(build, config=config),
+            stack.settings,
+            port=free_port(),
+        )
+        try:
+            await asyncio.wait_for(ctx.resources["router"].ready.wait(), 120)
+            index = await full_index(triton)
+            assert {name for name, state in index.items() if state == "READY"} == expected
+            assert not (triton.repository / ghost).exists()
+        finally:
+            await running.stop(0)
+    finally:
+        await client.close()

@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,15 +116,23 @@ class _Routes:
     table: pb.RouteTable
     bounds: list[float] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
-    entries: dict[str, list[pb.RouteEntry]] = field(default_factory=dict)
+    # Per version: (bytes naming the Triton entry, appended to a request; its target).
+    entries: dict[str, list[tuple[bytes, _Target]]] = field(default_factory=dict)
+    timeout_s: float | None = None
 
     @classmethod
-    def of(cls, table: pb.RouteTable) -> _Routes:
-        routes = cls(table)
+    def of(cls, table: pb.RouteTable, target: Callable[[str], _Target]) -> _Routes:
+        """Everything a call needs, computed once per table instead of once per call."""
+        routes = cls(table, timeout_s=table.request_timeout.ToTimedelta().total_seconds() or None)
         weights: dict[str, float] = {}
         for entry in table.entries:
             if entry.grpc_address:
-                routes.entries.setdefault(entry.model_version, []).append(entry)
+                names = pb.PredictRequest(
+                    deployment=entry.triton_model_name, model_version=entry.triton_model_version
+                ).SerializeToString()
+                routes.entries.setdefault(entry.model_version, []).append(
+                    (names, target(entry.grpc_address))
+                )
             weights[entry.model_version] = weights.get(entry.model_version, 0.0) + entry.weight
         total = 0.0
         for version, weight in weights.items():
@@ -220,7 +228,7 @@ class Endpoint:
         if table.deleted:
             self._routes = None
         elif self._routes is None or table.revision >= self._routes.table.revision:
-            self._routes = _Routes.of(table)
+            self._routes = _Routes.of(table, self._target)
         self._first_table.set()
 
     def _target(self, address: str) -> _Target:
@@ -231,18 +239,21 @@ class Endpoint:
             self._targets[address] = target
         return target
 
-    def _choose(self, version: str) -> tuple[pb.RouteEntry, _Target] | None:
-        routes = self._routes
-        if routes is None:
+    def _choose(self, routes: _Routes, version: str) -> tuple[bytes, _Target] | None:
+        """The least busy target holding ``version``, servers put aside skipped."""
+        choices = routes.entries.get(version)
+        if not choices:
             return None
+        if len(choices) == 1:
+            chosen = choices[0]
+            return chosen if chosen[1].ejected_until <= time.monotonic() else None
         now = time.monotonic()
         best = None
-        for entry in routes.entries.get(version, ()):
-            target = self._target(entry.grpc_address)
+        for names, target in choices:
             if target.ejected_until > now:
                 continue
             if best is None or target.outstanding < best[1].outstanding:
-                best = (entry, target)
+                best = (names, target)
         return best
 
     async def predict(
@@ -273,19 +284,17 @@ class Endpoint:
         routes = self._routes
         version = model_version or (routes.pick(routing_key) if routes else None)
         if routes is not None and version is not None:
-            timeout = (
-                timeout_s or routes.table.request_timeout.ToTimedelta().total_seconds() or None
-            )
+            timeout = timeout_s or routes.timeout_s
+            # Fields 1 and 2 appended: a parser keeps the last value, so these name the entry.
+            payload = request.SerializeToString()
             for _ in range(routes.table.max_retries + 1):
-                chosen = self._choose(version)
+                chosen = self._choose(routes, version)
                 if chosen is None:
                     break
-                entry, target = chosen
-                request.deployment = entry.triton_model_name
-                request.model_version = entry.triton_model_version
+                names, target = chosen
                 target.outstanding += 1
                 try:
-                    raw = await target.infer(request.SerializeToString(), timeout=timeout)
+                    raw = await target.infer(payload + names, timeout=timeout)
                 except grpc.aio.AioRpcError as err:
                     if err.code() not in FALLBACK_CODES:
                         raise
