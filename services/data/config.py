@@ -41,6 +41,8 @@ FORMAT_NAMES = {value: key for key, value in FORMATS.items()}
 EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".npz": "npz"}
 DEFAULT_SPLIT = (80.0, 10.0, 10.0)
 SPLIT_NAMES = ("train", "valid", "test")
+# Largest image side ingest resizes to: bounds the memory a config can ask for.
+MAX_IMAGE_SIDE = 4096
 _KNOWN_KEYS = {
     "data_path", "s3_uri", "upload", "download", "format", "label_column", "feature_columns",
     "splitting", "split", "seed", "stratify", "shuffle", "csv", "image_folder", "npz",
@@ -151,12 +153,28 @@ def validate(config: pb.DatasetConfig, field: str = "config") -> None:
     if config.label_column and config.label_column in config.feature_columns:
         raise InvalidArgument(f"{field}.feature_columns", "must not contain the label column")
     if config.WhichOneof("format_options") == "csv":
-        for key in ("delimiter", "quote_char"):
-            if len(getattr(config.csv, key)) > 1:
-                raise InvalidArgument(f"{field}.csv.{key}", "must be one character")
-    options = config.WhichOneof("format_options")
-    if options == "image_folder" and config.image_folder.channels not in (0, 1, 3):
-        raise InvalidArgument(f"{field}.image_folder.channels", "must be 1 or 3")
+        _check_csv_options(config.csv, f"{field}.csv")
+    if config.WhichOneof("format_options") == "image_folder":
+        _check_image_options(config.image_folder, f"{field}.image_folder")
+
+
+def _check_csv_options(options: pb.CsvOptions, field: str) -> None:
+    # pyarrow's parser takes one ASCII byte; a line break there would cut every record.
+    for key in ("delimiter", "quote_char"):
+        value = getattr(options, key)
+        if len(value) > 1 or (value and (not value.isascii() or value in "\r\n")):
+            raise InvalidArgument(f"{field}.{key}", "must be one ASCII character, not a line break")
+    if options.delimiter and options.delimiter == (options.quote_char or '"'):
+        raise InvalidArgument(f"{field}.quote_char", "must differ from the delimiter")
+
+
+def _check_image_options(options: pb.ImageFolderOptions, field: str) -> None:
+    if options.channels not in (0, 1, 3):
+        raise InvalidArgument(f"{field}.channels", "must be 1 or 3")
+    for key in ("width", "height"):
+        value = getattr(options, key)
+        if not 0 <= value <= MAX_IMAGE_SIDE:
+            raise InvalidArgument(f"{field}.{key}", f"must be 0 (as read) to {MAX_IMAGE_SIDE}")
 
 
 def _is_images(config: pb.DatasetConfig) -> bool:

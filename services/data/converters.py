@@ -17,6 +17,8 @@ import io
 import queue
 import re
 import threading
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +94,15 @@ def write_parquet(batches: Iterator[Rows], out: Path, progress: Progress) -> Con
     finally:
         pending.put(None)
         thread.join()
-    if "error" in state:
-        raise state["error"]  # type: ignore[misc]
+    error = state.get("error")
+    if isinstance(error, pa.ArrowException | ValueError):
+        # Columns Parquet cannot hold (an empty struct) or a later batch of another schema.
+        out.unlink(missing_ok=True)
+        raise InvalidArgument(
+            "data_path", f"the rows cannot be stored as Parquet: {_short(str(error))}"
+        ) from error
+    if error is not None:
+        raise error  # type: ignore[misc]
     if schema is None or rows == 0:
         out.unlink(missing_ok=True)
         raise InvalidArgument("data_path", "the source holds no rows")
@@ -135,6 +144,7 @@ class _CsvReader:
                 if not self.head.strip():
                     raise InvalidArgument("data_path", f"{self.source.name} is empty")
                 self.head = self.head if self.head.endswith(b"\n") else self.head + b"\n"
+                _check_header_is_text(self.head, self.source.name)
                 self.width = len(self._records(self.head)[0])
                 first_line = 2
             for block in _blocks_at_newlines(handle, CSV_BLOCK_SIZE):
@@ -210,6 +220,16 @@ class _CsvReader:
                 return first_line + start - 1
             start = reader.line_num + 1
         return first_line
+
+
+def _check_header_is_text(head: bytes, file_name: str) -> None:
+    """Column names must be UTF-8 (values that are not become binary columns instead)."""
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidArgument(
+            "data_path", f"{file_name}: line 1: the header is not UTF-8 text ({err.reason})"
+        ) from err
 
 
 def _blocks_at_newlines(handle: BinaryIO, size: int) -> Iterator[bytes]:
@@ -294,6 +314,7 @@ def _jsonl_batches(
     source: Path, _config: pb.DatasetConfig, progress: Progress
 ) -> Iterator[pa.RecordBatch]:
     read = pajson.ReadOptions(block_size=BLOCK_SIZE, use_threads=True)
+    _refuse_null_lines(source)
     with source.open("rb") as handle:
         try:
             for batch in pajson.open_json(handle, read_options=read):
@@ -304,6 +325,25 @@ def _jsonl_batches(
             raise InvalidArgument(
                 "data_path", f"{source.name}: malformed JSONL at line {line}: {_short(str(err))}"
             ) from err
+
+
+_NULL_LINE = re.compile(rb"(?m)^[ \t\r]*null[ \t\r]*$")
+
+
+def _refuse_null_lines(source: Path) -> None:
+    """A line holding just ``null`` crashes pyarrow's JSON reader (segfault, pyarrow 21)
+    when it starts a block, so such lines are refused before pyarrow sees the file."""
+    line = 1
+    with source.open("rb") as handle:
+        for block in _blocks_at_newlines(handle, BLOCK_SIZE):
+            found = _NULL_LINE.search(block)
+            if found is not None:
+                line += block.count(b"\n", 0, found.start())
+                raise InvalidArgument(
+                    "data_path",
+                    f"{source.name}: malformed JSONL at line {line}: null is not a JSON object",
+                )
+            line += block.count(b"\n")
 
 
 def _locate_bad_json_line(source: Path) -> int:
@@ -348,27 +388,43 @@ def _npz_batches(
 ) -> Iterator[pa.RecordBatch]:
     features_key = config.npz.features_key or "x"
     labels_key = config.npz.labels_key or "y"
-    try:
-        archive = np.load(source, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise InvalidArgument("data_path", f"{source.name} is not an .npz archive: {err}") from err
-    with archive:
-        if features_key not in archive.files:
-            raise InvalidArgument(
-                "npz.features_key", f"{features_key!r} is not in the archive ({archive.files})"
-            )
-        features = archive[features_key]
-        labels = archive[labels_key] if labels_key in archive.files else None
-    if labels is not None and len(labels) != len(features):
+    features, labels = _npz_arrays(source, features_key, labels_key)
+    if features.ndim == 0 or len(features) == 0:
+        raise InvalidArgument("npz.features_key", f"{features_key!r} holds no rows")
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(features)):
         raise InvalidArgument(
-            "npz.labels_key", f"{len(labels)} labels for {len(features)} feature rows"
+            "npz.labels_key",
+            f"labels of shape {labels.shape} for {len(features)} feature rows (one per row)",
         )
     progress(source.stat().st_size, -1)
-    columns = {features_key: tensor_column(features)}
-    if labels is not None:
-        columns[labels_key] = pa.array(labels.reshape(len(labels)))
+    try:
+        columns = {features_key: tensor_column(features)}
+        if labels is not None:
+            columns[labels_key] = pa.array(labels)
+    except (pa.ArrowException, ValueError) as err:
+        problem = f"arrays of this dtype or shape are not supported: {_short(str(err))}"
+        raise InvalidArgument("data_path", f"{source.name}: {problem}") from err
     table = pa.table(columns)
     yield from table.to_batches(max_chunksize=65536)
+
+
+def _npz_arrays(
+    source: Path, features_key: str, labels_key: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The feature and label arrays of an .npz archive; a broken archive is InvalidArgument."""
+    try:
+        with np.load(source, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):  # a plain .npy file
+                raise InvalidArgument("data_path", f"{source.name} is not an .npz archive")
+            if features_key not in archive.files:
+                raise InvalidArgument(
+                    "npz.features_key", f"{features_key!r} is not in the archive ({archive.files})"
+                )
+            features = archive[features_key]
+            labels = archive[labels_key] if labels_key in archive.files else None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise InvalidArgument("data_path", f"{source.name} is not an .npz archive: {err}") from err
+    return features, labels
 
 
 def tensor_column(array: np.ndarray) -> pa.Array:
@@ -404,8 +460,12 @@ def _image_batches(
                 if image.size != size:
                     image = image.resize(size, Image.Resampling.BILINEAR)
                 batch_images.append(np.asarray(image, dtype=np.uint8).reshape(-1))
-        except (UnidentifiedImageError, OSError) as err:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise InvalidArgument("data_path", f"{path.relative_to(source)}: not an image") from err
+        except Image.DecompressionBombError as err:
+            raise InvalidArgument(
+                "data_path", f"{path.relative_to(source)}: image too large ({err})"
+            ) from err
         batch_labels.append(label)
         read += path.stat().st_size
         if len(batch_images) == 4096:
