@@ -245,6 +245,85 @@ def upgrade() -> None:
     op.create_index(op.f("ix_registered_models_project"), "registered_models", ["project"])
 
     op.create_table(
+        "prediction_logs",
+        sa.Column("id", SEQ, autoincrement=True, nullable=False),
+        sa.Column("deployment", sa.String(length=300), nullable=False),
+        sa.Column("artifact_uri", sa.Text(), nullable=False),
+        sa.Column("rows", sa.BigInteger(), nullable=False),
+        sa.Column("start_time", UTC_DATETIME, nullable=False),
+        sa.Column("end_time", UTC_DATETIME, nullable=False),
+        sa.Column("model_versions", JSON, nullable=False),
+        sa.Column("dropped", sa.BigInteger(), nullable=False),
+        sa.Column("create_time", UTC_DATETIME, nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_prediction_logs")),
+    )
+    op.create_index(
+        "ix_prediction_logs_deployment_end", "prediction_logs", ["deployment", "end_time"]
+    )
+
+    op.create_table(
+        "monitors",
+        sa.Column("id", SEQ, autoincrement=True, nullable=False),
+        sa.Column("name", sa.String(length=63), nullable=False),
+        sa.Column("deployment", sa.String(length=300), nullable=False),
+        sa.Column("description", sa.Text(), nullable=False),
+        sa.Column("labels", JSON, nullable=False),
+        sa.Column("config", JSON, nullable=False),
+        sa.Column("paused", sa.Boolean(), nullable=False),
+        sa.Column("next_run_time", UTC_DATETIME, nullable=True),
+        sa.Column("last_report", JSON, nullable=False),
+        sa.Column("firing", JSON, nullable=False),
+        sa.Column("creator", sa.String(length=200), nullable=False),
+        sa.Column("create_time", UTC_DATETIME, nullable=False),
+        sa.Column("update_time", UTC_DATETIME, nullable=False),
+        sa.Column("etag", sa.String(length=32), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_monitors")),
+        sa.UniqueConstraint("name", name=op.f("uq_monitors_name")),
+    )
+    op.create_index(op.f("ix_monitors_deployment"), "monitors", ["deployment"])
+    op.create_index(op.f("ix_monitors_next_run_time"), "monitors", ["next_run_time"])
+
+    op.create_table(
+        "monitor_alerts",
+        sa.Column("id", SEQ, autoincrement=True, nullable=False),
+        sa.Column("monitor_id", SEQ, nullable=False),
+        sa.Column("name", sa.String(length=63), nullable=False),
+        sa.Column("rule", sa.String(length=63), nullable=False),
+        sa.Column("metric", sa.String(length=32), nullable=False),
+        sa.Column("value", sa.Float(), nullable=False),
+        sa.Column("threshold", sa.Float(), nullable=False),
+        sa.Column("feature", sa.String(length=300), nullable=False),
+        sa.Column("fire_time", UTC_DATETIME, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["monitor_id"],
+            ["monitors.id"],
+            name=op.f("fk_monitor_alerts_monitor_id_monitors"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_monitor_alerts")),
+        sa.UniqueConstraint("monitor_id", "name", name="uq_monitor_alerts_name"),
+    )
+    op.create_index(op.f("ix_monitor_alerts_monitor_id"), "monitor_alerts", ["monitor_id"])
+    op.create_index(op.f("ix_monitor_alerts_fire_time"), "monitor_alerts", ["fire_time"])
+
+    op.create_table(
+        "monitored_batches",
+        sa.Column("id", SEQ, autoincrement=True, nullable=False),
+        sa.Column("event_id", sa.String(length=64), nullable=False),
+        sa.Column("deployment", sa.String(length=300), nullable=False),
+        sa.Column("artifact_uri", sa.Text(), nullable=False),
+        sa.Column("rows", sa.BigInteger(), nullable=False),
+        sa.Column("start_time", UTC_DATETIME, nullable=False),
+        sa.Column("end_time", UTC_DATETIME, nullable=False),
+        sa.Column("dropped", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_monitored_batches")),
+        sa.UniqueConstraint("event_id", name=op.f("uq_monitored_batches_event_id")),
+    )
+    op.create_index(
+        "ix_monitored_batches_deployment_end", "monitored_batches", ["deployment", "end_time"]
+    )
+
+    op.create_table(
         "schedules",
         sa.Column("id", SEQ, autoincrement=True, nullable=False),
         sa.Column("name", sa.String(length=63), nullable=False),
@@ -741,6 +820,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     # Indexes and constraints go with their tables; children before parents.
     op.drop_table("version_tags")
+    op.drop_table("monitor_alerts")
+    op.drop_table("monitors")
+    op.drop_table("monitored_batches")
+    op.drop_table("prediction_logs")
     op.drop_table("version_metrics")
     op.drop_table("releases")
     op.drop_table("model_artifacts")

@@ -331,6 +331,61 @@ class Evaluation(Timestamps, Etagged, Base):
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
+class Monitor(Timestamps, Etagged, Base):
+    """``monitors/{monitor}``: scheduled drift and health checks of a deployment."""
+
+    __tablename__ = "monitors"
+
+    id: Mapped[int] = _id()
+    name: Mapped[str] = _name()
+    deployment: Mapped[str] = mapped_column(String(REF_LEN), nullable=False, index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    labels: Mapped[dict[str, str]] = _json_dict()
+    # {"interval_s", "window_s", "bins", "rules": [{"name", "metric", "threshold", "min_rows"}]}.
+    config: Mapped[dict[str, Any]] = _json_dict()
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_run_time: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    # The MonitorReport of the last run (proto JSON).
+    last_report: Mapped[dict[str, Any]] = _json_dict()
+    # Names of the rules firing after the last run.
+    firing: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    creator: Mapped[str] = mapped_column(String(200), default="")
+
+
+class MonitorAlert(Base):
+    """``monitors/{monitor}/alerts/{alert}``: a rule that crossed its threshold."""
+
+    __tablename__ = "monitor_alerts"
+    __table_args__ = (UniqueConstraint("monitor_id", "name", name="uq_monitor_alerts_name"),)
+
+    id: Mapped[int] = _id()
+    monitor_id: Mapped[int] = _fk("monitors.id", ondelete="CASCADE", index=True)
+    name: Mapped[str] = mapped_column(String(ID_LEN), nullable=False)
+    rule: Mapped[str] = mapped_column(String(ID_LEN), nullable=False)
+    metric: Mapped[str] = mapped_column(String(STATE_LEN), nullable=False)
+    value: Mapped[float] = mapped_column(Float, nullable=False)
+    threshold: Mapped[float] = mapped_column(Float, nullable=False)
+    feature: Mapped[str] = mapped_column(String(REF_LEN), default="")
+    fire_time: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False, index=True)
+
+
+class MonitoredBatch(Base):
+    """A captured-predictions file the evaluation service learnt of from routing's events."""
+
+    __tablename__ = "monitored_batches"
+    __table_args__ = (Index("ix_monitored_batches_deployment_end", "deployment", "end_time"),)
+
+    id: Mapped[int] = _id()
+    # The event's id: a redelivered event adds nothing.
+    event_id: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    deployment: Mapped[str] = mapped_column(String(REF_LEN), nullable=False)
+    artifact_uri: Mapped[str] = mapped_column(Text, nullable=False)
+    rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    start_time: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    end_time: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class Benchmark(Timestamps, Etagged, Base):
     """``benchmarks/{benchmark}``: latency and throughput of a model at batch sizes."""
 
@@ -662,6 +717,24 @@ class Deployment(Timestamps, Etagged, Base):
     # Incremented on every route change; SDK route caches compare it.
     revision: Mapped[int] = mapped_column(BigInteger, default=1)
     server_id: Mapped[int | None] = _fk("inference_servers.id", nullable=True, index=True)
+
+
+class PredictionLog(Base):
+    """A Parquet file of captured Predict calls of one deployment (routing service)."""
+
+    __tablename__ = "prediction_logs"
+    __table_args__ = (Index("ix_prediction_logs_deployment_end", "deployment", "end_time"),)
+
+    id: Mapped[int] = _id()
+    deployment: Mapped[str] = mapped_column(String(REF_LEN), nullable=False)
+    artifact_uri: Mapped[str] = mapped_column(Text, nullable=False)
+    rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    start_time: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    end_time: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    model_versions: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    # Sampled calls dropped because the capture queue was full, since the previous file.
+    dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
 
 # ------------------------------------------------------------ gateway and core
