@@ -87,7 +87,15 @@ async def create_server(
     port: int | None = None,
     auth: AuthHook | None = None,
 ) -> RunningServer:
-    """Builds, binds and starts a server; port None means the service's configured port."""
+    """Builds, binds and starts a server; port None means the service's configured port.
+
+    ``auth`` None means the hook the settings ask for (aimass.core.auth: AllowAll
+    unless ``auth.enabled``).
+    """
+    if auth is None:
+        from aimass.core.auth import auth_hook_from_settings  # here: avoids an import cycle
+
+        auth = auth_hook_from_settings(settings)
     server = grpc.aio.server(
         interceptors=[AimassServerInterceptor(name, auth)], options=server_options(settings)
     )

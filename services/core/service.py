@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aimass.core.artifacts import ArtifactStore, open_artifact_store
+from aimass.core.auth import outgoing_credentials
 from aimass.core.clients import ServiceChannels
 from aimass.core.db.engine import Database
 from aimass.core.db.migrate import check_at_head
@@ -84,7 +85,8 @@ class ServiceContext:
     def channels(self) -> ServiceChannels:
         """Pooled gRPC channels to the other services (closed when this service stops)."""
         if "channels" not in self.resources:
-            channels = ServiceChannels(self.settings)
+            # Calls carry the caller's credential (or the stack's internal token).
+            channels = ServiceChannels(self.settings, credentials=outgoing_credentials)
             self.resources["channels"] = channels
             self.on_close(channels.close)
         return self.resources["channels"]

@@ -41,6 +41,7 @@ class Ports(BaseModel):
     compression: int = Field(default=7104, ge=0, le=65535)
     registry: int = Field(default=7105, ge=0, le=65535)
     routing: int = Field(default=7106, ge=0, le=65535)
+    pipeline: int = Field(default=7107, ge=0, le=65535)
     gateway: int = Field(default=8080, ge=0, le=65535)
     # Not 4222: a system NATS often listens there already.
     nats: int = Field(default=4232, ge=0, le=65535)
@@ -82,15 +83,41 @@ class TracingSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """Access control. Disabled in the embedded stack until keys exist."""
+    """Access control (aimass.core.auth): off by default; AIMASS_AUTH__ENABLED=true turns it on."""
 
     model_config = {"extra": "forbid"}
 
     enabled: bool = False
+    # JWTs must carry this issuer (and this audience when set) and an exp.
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    # RS256 public keys (a JWKS JSON document).
     jwks_file: Path | None = None
     hs256_secret: str | None = None
+    # Shared by the processes of one stack: lets a service call another on behalf of
+    # nobody (background work). `aimass up` generates it; never give it to users.
+    internal_token: str | None = None
+    # Token bucket per key in each service process; a key's own rate overrides it. 0: none.
+    rate_limit_per_s: float = Field(default=200.0, ge=0.0)
+    # Burst, in seconds of the rate.
+    rate_limit_burst_s: float = Field(default=2.0, gt=0.0)
+    # Seconds a service trusts a key lookup (how long a revoked key may still work there).
+    key_cache_s: float = Field(default=5.0, ge=0.0, le=300.0)
+
+    @field_validator("jwks_file")
+    @classmethod
+    def _jwks_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @field_validator("hs256_secret")
+    @classmethod
+    def _long_secret(cls, value: str | None) -> str | None:
+        # RFC 7518 3.2: an HS256 key must be at least as long as the hash (32 bytes).
+        if value is not None and len(value.encode()) < 32:
+            raise ValueError("must be at least 32 bytes")
+        return value
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -145,12 +172,25 @@ class Settings(BaseSettings):
     max_message_mb: int = Field(default=64, ge=1, le=2048)
     # Folders ingest may read local files from; default: home/data and the cwd.
     data_roots: list[Path] = Field(default_factory=list)
+    # Host of each service where it is not `host` (compose, Kubernetes: one host per
+    # service), e.g. AIMASS_SERVICE_HOSTS__REGISTRY=registry. Servers still bind `host`.
+    service_hosts: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
         if value and not value.startswith(("sqlite", "postgresql")):
             raise ValueError("must be a sqlite:// or postgresql:// SQLAlchemy URL")
+        return value
+
+    @field_validator("service_hosts")
+    @classmethod
+    def _known_services(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(Ports.model_fields))
+        if unknown:
+            raise ValueError(
+                f"unknown service {', '.join(unknown)}; known: {', '.join(Ports.model_fields)}"
+            )
         return value
 
     @field_validator("artifact_root")
@@ -194,7 +234,7 @@ class Settings(BaseSettings):
 
     def service_address(self, service: str) -> str:
         """host:port where a service of the stack listens."""
-        return f"{self.host}:{self.ports.of(service)}"
+        return f"{self.service_hosts.get(service, self.host)}:{self.ports.of(service)}"
 
 
 def _config_file() -> Path | None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aimass.core.auth.api import access_service
-from aimass.core.auth.keys import SqlKeyStore
+from aimass.core.auth.api import access_services
 from aimass.core.server import GrpcService
 from aimass.core.service import ServiceContext, run_service
 from aimass.registry.api import RegistryServicer
@@ -30,8 +29,8 @@ async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
             servicer=servicer,
             add_to_server=registry_pb2_grpc.add_RegistryServiceServicer_to_server,
         ),
-        # API keys (aimass.core.auth): the registry process serves the AccessService.
-        access_service(SqlKeyStore(database)),
+        # API keys and webhooks (aimass.core.auth) are served by the registry process.
+        *await access_services(ctx),
     ]
 
 

@@ -45,7 +45,8 @@ class ComponentSpec:
 def available_services() -> list[str]:
     """The services that have an entry point (``python -m aimass.<service>``) installed."""
     found = []
-    for name in SERVICE_NAMES:
+    # The pipeline service drives the others through their events, so it starts after them.
+    for name in (*SERVICE_NAMES, "pipeline"):
         try:
             if importlib.util.find_spec(f"aimass.{name}.__main__") is not None:
                 found.append(name)
@@ -135,8 +136,22 @@ def plan(settings: Settings, layout: StackLayout, services: list[str]) -> list[C
     )
     # Triton (when the nvidia-pytriton wheel is installed) before routing, which loads into it.
     triton = triton_component(settings, layout)
+    workers = [training_worker_component(layout)] if "training" in services else []
     # The REST gateway (aimass.gateway) last: it proxies to the services.
-    return [nats, *([triton] if triton else []), *grpc_services, gateway]
+    return [nats, *([triton] if triton else []), *grpc_services, *workers, gateway]
+
+
+def training_worker_component(layout: StackLayout) -> ComponentSpec:
+    """One training worker pulling the work queue (no port: SERVING while its process lives)."""
+    name = "training-worker"
+    return ComponentSpec(
+        name=name,
+        kind="process",
+        argv=(sys.executable, "-m", "aimass.training.worker", "--name", f"embedded-{name}"),
+        address="",
+        ports=(),
+        log=layout.log_of(name),
+    )
 
 
 def triton_component(settings: Settings, layout: StackLayout) -> ComponentSpec | None:

@@ -64,6 +64,8 @@ async def nats_health(host: str, port: int, timeout_s: float = 1.0) -> str:
 
 async def probe(kind: str, address: str, timeout_s: float = 1.0) -> str:
     """The state of a component of the given kind ("nats", "grpc" or "http") at host:port."""
+    if kind == "process":
+        return SERVING  # a worker without a port: serving while alive (checked by the caller)
     if kind == "nats":
         host, _, port = address.rpartition(":")
         return await nats_health(host, int(port), timeout_s)

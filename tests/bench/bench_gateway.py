@@ -1,0 +1,313 @@
+"""Benchmark of the REST gateway and of the auth interceptor.
+
+    .venv/bin/python tests/bench/bench_gateway.py [--quick] [--out FILE]
+
+1. Auth cost per call: the auth hook alone (AllowAll, an API key, an HS256 JWT, both
+   cached as they are after the first call), timed in a tight loop in this process.
+2. Auth cost end to end: sequential unary calls (LookupCallerIdentity) to a grpc.aio server
+   with auth off, then on (API key), interleaved rounds.
+3. REST vs gRPC on the same RPC (registry GetRegisteredModel, auth on, same key): nats-server,
+   the registry and the gateway run as their own processes, as in `aimass up`; one client
+   process drives concurrency C over grpc.aio and over aiohttp, interleaved rounds.
+Medians; ratios against the baselines measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+from joserfc import jwt
+from joserfc.jwk import OctKey
+
+from aimass.access.v1 import access_pb2, access_pb2_grpc
+from aimass.core.auth.api import access_service
+from aimass.core.auth.bootstrap import ensure_admin_key
+from aimass.core.auth.hook import AccessControl
+from aimass.core.auth.keys import SqlKeyStore
+from aimass.core.db.engine import Database
+from aimass.core.db.migrate import upgrade
+from aimass.core.interceptors import AllowAll
+from aimass.core.server import create_server
+from aimass.core.settings import load_settings
+from aimass.embedded.components import nats_server_binary
+from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
+
+SECRET = "bench-hs256-secret-bench-hs256-secret-0123"
+METHOD = "/aimass.registry.v1.RegistryService/GetRegisteredModel"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---- 1. the hook alone ---------------------------------------------------------------------
+
+
+async def hook_cost(db_url: str, key: str, calls: int) -> dict[str, float]:
+    settings = load_settings(database_url=db_url, auth={"enabled": True, "hs256_secret": SECRET})
+    control = AccessControl(settings.auth, SqlKeyStore(Database(db_url)))
+    token = jwt.encode(
+        {"alg": "HS256"},
+        {"sub": "bench", "role": "viewer", "exp": int(time.time()) + 3600},
+        OctKey.import_key(SECRET),
+    )
+    # A rate no loop reaches: the bucket's cost is measured, never a refusal.
+    control.limiter.default_rate = 1e12
+    cases = {
+        "AllowAll (auth off)": (AllowAll(), {}),
+        "API key (cached)": (control, {"x-api-key": key}),
+        "JWT HS256 (cached)": (control, {"authorization": f"Bearer {token}"}),
+    }
+    results = {}
+    for name, (hook, metadata) in cases.items():
+        await hook.authenticate(METHOD, metadata)  # warm the caches
+        start = time.perf_counter()
+        for _ in range(calls):
+            await hook.authenticate(METHOD, metadata)
+        results[name] = (time.perf_counter() - start) / calls * 1e6
+    return results
+
+
+# ---- 2. interceptor end to end -------------------------------------------------------------
+
+
+async def sequential_latency(port: int, metadata: tuple, calls: int) -> float:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = access_pb2_grpc.AccessServiceStub(channel)
+        request = access_pb2.LookupCallerIdentityRequest()
+        for _ in range(50):
+            await stub.LookupCallerIdentity(request, metadata=metadata)
+        start = time.perf_counter()
+        for _ in range(calls):
+            await stub.LookupCallerIdentity(request, metadata=metadata)
+        return (time.perf_counter() - start) / calls * 1e6
+
+
+async def interceptor_cost(db_url: str, key: str, calls: int, rounds: int) -> tuple[float, float]:
+    database = Database(db_url)
+    off = load_settings(database_url=db_url, host="127.0.0.1")
+    on = load_settings(
+        database_url=db_url, host="127.0.0.1", auth={"enabled": True, "rate_limit_per_s": 1e12}
+    )
+    service = [access_service(SqlKeyStore(database))]
+    plain = await create_server("registry", service, off, port=0)
+    secured = await create_server("registry", service, on, port=0)
+    off_us, on_us = [], []
+    try:
+        for _ in range(rounds):
+            off_us.append(await sequential_latency(plain.port, (), calls))
+            on_us.append(await sequential_latency(secured.port, (("x-api-key", key),), calls))
+    finally:
+        await plain.stop(0)
+        await secured.stop(0)
+        database.dispose()
+    return statistics.median(off_us), statistics.median(on_us)
+
+
+# ---- 3. REST vs gRPC -------------------------------------------------------------------------
+
+
+def start_processes(home: Path, db_url: str) -> tuple[list[subprocess.Popen], dict[str, int]]:
+    ports = {name: free_port() for name in ("registry", "gateway", "nats", "nats_monitor")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMASS_")}
+    env.update(
+        {
+            "AIMASS_HOME": str(home),
+            "AIMASS_DATABASE_URL": db_url,
+            "AIMASS_NATS_URL": f"nats://127.0.0.1:{ports['nats']}",
+            "AIMASS_AUTH__ENABLED": "true",
+            # The benchmark measures throughput, not the limiter's refusals.
+            "AIMASS_AUTH__RATE_LIMIT_PER_S": "1e12",
+            "AIMASS_LOG_LEVEL": "WARNING",
+            **{f"AIMASS_PORTS__{name.upper()}": str(port) for name, port in ports.items()},
+        }
+    )
+    nats = subprocess.Popen(
+        [str(nats_server_binary()), "-js", "-sd", str(home / "nats"), "-a", "127.0.0.1",
+         "-p", str(ports["nats"])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)
+    logs = (home / "logs").open("w")
+    processes = [nats]
+    for module in ("aimass.registry", "aimass.gateway"):
+        processes.append(
+            subprocess.Popen([sys.executable, "-m", module], env=env, stdout=logs, stderr=logs)
+        )
+    return processes, ports
+
+
+async def wait_ready(ports: dict[str, int], key: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(
+                    f"http://127.0.0.1:{ports['gateway']}/v1/models", headers={"x-api-key": key}
+                ) as reply,
+            ):
+                if reply.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("registry or gateway did not start (see the logs in the home)")
+        await asyncio.sleep(0.3)
+
+
+# (gRPC method, request, REST path): one RPC that reads the database, one that does not.
+CASES = {
+    "GetRegisteredModel (SQLite read)": (
+        "/aimass.registry.v1.RegistryService/GetRegisteredModel",
+        registry_pb2.GetRegisteredModelRequest(name="models/bench"),
+        "/v1/models/bench",
+    ),
+    "LookupCallerIdentity (no I/O)": (
+        "/aimass.access.v1.AccessService/LookupCallerIdentity",
+        access_pb2.LookupCallerIdentityRequest(),
+        "/v1/callerIdentity:lookup",
+    ),
+}
+
+
+async def grpc_round(port: int, key: str, case: str, concurrency: int, requests: int) -> float:
+    method, message, _ = CASES[case]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(method)
+        request = message.SerializeToString()
+        metadata = (("x-api-key", key),)
+        left = requests
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await call(request, metadata=metadata)
+
+        await call(request, metadata=metadata)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return requests / (time.perf_counter() - start)
+
+
+async def rest_round(port: int, key: str, case: str, concurrency: int, requests: int) -> float:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        url = f"http://127.0.0.1:{port}{CASES[case][2]}"
+        headers = {"x-api-key": key}
+        left = requests
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with http.get(url, headers=headers) as reply:
+                    await reply.read()
+                    assert reply.status == 200, reply.status
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return requests / (time.perf_counter() - start)
+
+
+async def rest_vs_grpc(
+    home: Path, db_url: str, key: str, concurrency: int, requests: int, rounds: int
+) -> dict[str, tuple[float, float]]:
+    processes, ports = start_processes(home, db_url)
+    try:
+        await wait_ready(ports, key)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['registry']}") as channel:
+            await registry_pb2_grpc.RegistryServiceStub(channel).CreateRegisteredModel(
+                registry_pb2.CreateRegisteredModelRequest(registered_model_id="bench"),
+                metadata=(("x-api-key", key),),
+            )
+        results = {}
+        for case in CASES:
+            grpc_rps, rest_rps = [], []
+            for _ in range(rounds):
+                grpc_rps.append(
+                    await grpc_round(ports["registry"], key, case, concurrency, requests)
+                )
+                rest_rps.append(
+                    await rest_round(ports["gateway"], key, case, concurrency, requests)
+                )
+            results[case] = (statistics.median(grpc_rps), statistics.median(rest_rps))
+        return results
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=20)
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    quick = args.quick
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        db_url = f"sqlite:///{home / 'aimass.db'}"
+        upgrade(db_url)
+        path, _ = ensure_admin_key(home, db_url)
+        key = path.read_text().strip()
+        hook = await hook_cost(db_url, key, 2_000 if quick else 50_000)
+        off_us, on_us = await interceptor_cost(
+            db_url, key, 200 if quick else 2_000, 1 if quick else 5
+        )
+        concurrency = 32
+        throughput = await rest_vs_grpc(
+            home, db_url, key, concurrency, 500 if quick else 5_000, 1 if quick else 3
+        )
+    base = hook["AllowAll (auth off)"]
+    lines = [
+        "# Gateway and access control benchmark",
+        "",
+        "Auth hook alone (per call, this process):",
+        "",
+        "| hook | us per call | extra over auth off (us) |",
+        "|---|---|---|",
+        *(f"| {name} | {us:.2f} | {us - base:.2f} |" for name, us in hook.items()),
+        "",
+        "Sequential unary gRPC calls (LookupCallerIdentity), auth off vs on (API key):",
+        "",
+        "| auth | us per call | ratio |",
+        "|---|---|---|",
+        f"| off | {off_us:.0f} | 1.00 |",
+        f"| on (API key) | {on_us:.0f} | {on_us / off_us:.2f} (+{on_us - off_us:.0f} us) |",
+        "",
+        f"REST through the built-in gateway vs gRPC direct, concurrency {concurrency}, auth on"
+        " (services and gateway in their own processes):",
+        "",
+        "| RPC | gRPC direct requests/s | REST via gateway requests/s | REST / gRPC |",
+        "|---|---|---|---|",
+        *(f"| {case} | {g:.0f} | {r:.0f} | {r / g:.2f} |" for case, (g, r) in throughput.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--out", type=Path, help="write the markdown table here too")
+    args = parser.parse_args()
+    table = asyncio.run(main_async(args))
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
