@@ -110,6 +110,9 @@ class AimassServerInterceptor(grpc.aio.ServerInterceptor):
         self.service = service
         self.auth: AuthHook = auth or AllowAll()
         self.tracer = trace.get_tracer(f"aimass.{service}")
+        # Wrapping a handler allocates closures and a new handler object: do it once per
+        # method, not on every call (the router's Predict is hot).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -117,9 +120,13 @@ class AimassServerInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
             return handler
-        return _wrap_handler(handler, handler_call_details.method, self)
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, _wrap_handler(handler, method, self))
+        return cached[1]
 
     async def before_call(self, method: str, context: grpc.aio.ServicerContext) -> None:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}

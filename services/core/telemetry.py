@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
 
 from aimass.core.settings import TracingSettings
 
@@ -63,12 +63,18 @@ def _exporter(settings: TracingSettings, service: str) -> SpanExporter | None:
 
 
 def configure_tracing(service: str, settings: TracingSettings) -> TracerProvider:
-    """Installs the global tracer provider for this process and returns it."""
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": f"aimass-{service}"}),
-        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
-    )
+    """Installs the global tracer provider for this process and returns it.
+
+    Without an exporter nothing is recorded (spans would only cost time), but spans
+    still exist, so trace ids keep flowing from callers to the services this one calls.
+    """
     exporter = _exporter(settings, service)
+    sampler: Sampler = (
+        ParentBased(TraceIdRatioBased(settings.sample_ratio)) if exporter else ALWAYS_OFF
+    )
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"aimass-{service}"}), sampler=sampler
+    )
     if exporter is not None:
         # The file exporter writes synchronously so a test can read spans at once.
         processor = (
