@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from aimass.core import errors
+from aimass.core.metrics import RpcMetrics
 from aimass.core.telemetry import extract_context
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class AimassServerInterceptor(grpc.aio.ServerInterceptor):
         self.service = service
         self.auth: AuthHook = auth or AllowAll()
         self.tracer = trace.get_tracer(f"aimass.{service}")
+        self.metrics = RpcMetrics()
         # Wrapping a handler allocates closures and a new handler object: do it once per
         # method, not on every call (the router's Predict is hot).
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -148,6 +151,20 @@ class AimassServerInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})")
 
 
+def _code_of(error: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The status code name an error ends the call with (for metrics)."""
+    if isinstance(error, errors.AimassError):
+        return error.code.name
+    if isinstance(error, NotImplementedError):
+        return "UNIMPLEMENTED"
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    if isinstance(error, grpc.aio.AbortError):
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    return "INTERNAL"
+
+
 def _passthrough(error: BaseException) -> bool:
     # Aborts already carry their status; cancellation must propagate untouched.
     return isinstance(error, grpc.aio.AbortError | asyncio.CancelledError)
@@ -173,16 +190,21 @@ def _wrap_unary_response(
     behavior: Callable[..., Any], method: str, interceptor: AimassServerInterceptor
 ) -> Callable[..., Any]:
     async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code = "OK"
         with _span(interceptor, method, context):
             try:
                 await interceptor.before_call(method, context)
                 result = behavior(request_or_iterator, context)
                 return await result if inspect.isawaitable(result) else result
             except BaseException as error:
+                code = _code_of(error, context)
                 if _passthrough(error):
                     raise
                 await interceptor.on_error(method, error, context)
                 raise
+            finally:
+                interceptor.metrics.observe(method, code, time.perf_counter() - started)
 
     return wrapped
 
@@ -193,6 +215,8 @@ def _wrap_stream_response(
     async def wrapped(
         request_or_iterator: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        code = "OK"
         with _span(interceptor, method, context):
             try:
                 await interceptor.before_call(method, context)
@@ -204,10 +228,13 @@ def _wrap_stream_response(
                 async for item in result:
                     yield item
             except BaseException as error:
+                code = "CANCELLED" if isinstance(error, GeneratorExit) else _code_of(error, context)
                 if _passthrough(error) or isinstance(error, GeneratorExit):
                     raise
                 await interceptor.on_error(method, error, context)
                 raise
+            finally:
+                interceptor.metrics.observe(method, code, time.perf_counter() - started)
 
     return wrapped
 

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from aimass.core.artifacts import ArtifactStore, open_artifact_store
 from aimass.core.auth import outgoing_credentials
 from aimass.core.clients import ServiceChannels
@@ -24,6 +26,7 @@ from aimass.core.db.migrate import check_at_head
 from aimass.core.errors import AimassError
 from aimass.core.events import EventBus, OutboxRelay
 from aimass.core.logging import configure_logging
+from aimass.core.metrics import serve_metrics
 from aimass.core.server import GrpcService, RunningServer, create_server, serve_until_signal
 from aimass.core.settings import Settings, SettingsError, load_settings
 from aimass.core.telemetry import configure_tracing
@@ -91,6 +94,15 @@ class ServiceContext:
             self.on_close(channels.close)
         return self.resources["channels"]
 
+    def serve_metrics(self, port: int, registries: Sequence[CollectorRegistry] = ()) -> None:
+        """Serves Prometheus ``/metrics`` on ``port``: the RPC and job metrics of this
+        process plus ``registries`` (a service's own). Once per process; 0 means off."""
+        if port <= 0 or "metrics" in self.resources:
+            return
+        stop = serve_metrics(port, self.settings.host, registries)
+        self.resources["metrics"] = stop
+        self.on_close(lambda: asyncio.to_thread(stop))
+
     def notify_outbox(self) -> None:
         """Wakes the outbox relay right after a commit that wrote events (safe from any thread)."""
         relay: OutboxRelay | None = self.resources.get("outbox_relay")
@@ -126,7 +138,12 @@ async def close_context(ctx: ServiceContext) -> None:
 
 
 async def _run(name: str, build: BuildFn, settings: Settings) -> None:
-    running, _ = await start_service(name, build, settings)
+    running, ctx = await start_service(name, build, settings)
+    try:
+        # A real process exposes its metrics (unless its build already did, with its own).
+        ctx.serve_metrics(settings.ports.metrics)
+    except OSError as err:  # the port is taken: serve without metrics rather than not at all
+        log.warning("%s: metrics port %d unavailable: %s", name, settings.ports.metrics, err)
     await serve_until_signal(running, name, settings.shutdown_grace_s)
 
 

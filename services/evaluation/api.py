@@ -30,6 +30,7 @@ from aimass.evaluation import metrics as mt
 from aimass.evaluation import stats
 from aimass.evaluation import store as st
 from aimass.evaluation.inference import PROVIDERS
+from aimass.evaluation.monitor_api import MonitorMethods
 from aimass.evaluation.sources import Sources, label_column, resolve_task, score
 from aimass.evaluation.v1 import evaluation_pb2 as pb
 from aimass.evaluation.v1 import evaluation_pb2_grpc
@@ -66,8 +67,8 @@ def check_range(value: int, low: int, high: int, field: str) -> int:
     return value
 
 
-class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
-    """aimass.evaluation.v1.EvaluationService."""
+class EvaluationServicer(MonitorMethods, evaluation_pb2_grpc.EvaluationServiceServicer):
+    """aimass.evaluation.v1.EvaluationService (monitor methods: :mod:`.monitor_api`)."""
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -26,7 +27,7 @@ from aimass.core.artifacts import ArtifactStore
 from aimass.core.artifacts.base import iterate_file
 from aimass.core.errors import InvalidArgument, NotFound
 from aimass.core.interceptors import current_principal
-from aimass.registry import bundles
+from aimass.registry import bundles, importers
 from aimass.registry.filters import (
     MODEL_FIELDS,
     VERSION_FIELDS,
@@ -411,6 +412,53 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             creator=current_principal().subject,
             create_model=True,
         )
+
+    async def ImportModelVersion(
+        self, request: pb.ImportModelVersionRequest, context: Context
+    ) -> pb.ModelVersion:
+        model_id = parse_model_name(request.parent, "parent")
+        spec = importers.spec_from_request(request)
+        importers.check_template(request.model_version)
+        with tempfile.TemporaryDirectory(prefix="aimass-byom-", dir=self._temp_dir) as work:
+            source = Path(work) / "source"
+            stored = await self._fetch_source(request.source_uri, source)
+            spec = dataclasses.replace(spec, path=source)
+            imported = await asyncio.to_thread(importers.import_model, spec, Path(work))
+            original = common_pb2.Artifact(
+                kind=imported.format, uri=stored.uri, size_bytes=stored.size,
+                sha256=stored.sha256, file_name=spec.file_name,
+            )  # fmt: skip
+            artifacts = [original]
+            if imported.format != importers.ONNX:
+                graph = await self.artifacts.put_file(imported.onnx_path)
+                artifacts.append(
+                    common_pb2.Artifact(
+                        kind="onnx",
+                        uri=graph.uri,
+                        size_bytes=graph.size,
+                        sha256=graph.sha256,
+                        file_name=importers.exported_file_name(spec.file_name),
+                    )
+                )
+        version = importers.version_of(imported, request.model_version, artifacts)
+        _check_version_content(version)
+        return await self._write(
+            self.store.create_version,
+            model_id,
+            version,
+            creator=current_principal().subject,
+            request_id=request.request_id,
+            create_model=True,
+        )
+
+    async def _fetch_source(self, uri: str, dest: Path) -> Any:
+        """The uploaded file, verified, at ``dest``; errors name ``source_uri``."""
+        try:
+            return await self.artifacts.get_file(uri, dest)
+        except NotFound as err:
+            raise NotFound(f"source_uri: {uri} is not in the artifact store") from err
+        except InvalidArgument as err:
+            raise InvalidArgument("source_uri", err.violations[0].description) from err
 
 
 # ====================================================================== checks

@@ -191,7 +191,9 @@ class PredictionServicer:
         self.router = router
 
     async def Predict(self, request: bytes, context: Context) -> bytes:
-        return await self.router.predict(request, context.time_remaining())
+        return await self.router.predict(
+            request, context.time_remaining(), lambda: _request_id(context)
+        )
 
     async def PredictBatch(
         self, request: pb.PredictBatchRequest, context: Context
@@ -217,6 +219,14 @@ class PredictionServicer:
             for t in tensors:
                 target.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
         return response
+
+
+def _request_id(context: Context) -> str:
+    """The caller's x-request-id, asked only for a call that prediction logging captures."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)
+    return ""
 
 
 def add_prediction_service(servicer: PredictionServicer, server: grpc.aio.Server) -> None:

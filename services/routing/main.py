@@ -4,12 +4,12 @@ One process serves two gRPC services: RoutingService (deployments, inference
 servers: the control plane) and PredictionService (Predict forwarded to
 Triton: the data plane), on the routing port, plus Prometheus metrics on the
 metrics port. It follows ``aimass.registry.alias.moved`` to roll deployments
-that route to an alias.
+that route to an alias, and writes the calls that deployments' prediction
+logging samples to the artifact store (see :mod:`aimass.routing.prediction_log`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from aimass.core.server import GrpcService
@@ -17,6 +17,8 @@ from aimass.core.service import ServiceContext, run_service
 from aimass.routing.api import services
 from aimass.routing.config import RoutingConfig
 from aimass.routing.metrics import RoutingMetrics
+from aimass.routing.prediction_log import PredictionLogger
+from aimass.routing.prediction_sink import ArtifactSink
 from aimass.routing.runtime import Router
 from aimass.routing.store import RoutingStore
 from aimass.routing.versions import VersionResolver
@@ -36,10 +38,14 @@ async def build(ctx: ServiceContext, config: RoutingConfig | None = None) -> Seq
     ctx.resources["router"] = router
     await router.start()
     ctx.on_close(router.close)
+    # Prediction logging: sampled calls -> Parquet in the artifact store + events.
+    logger = PredictionLogger(ArtifactSink(await ctx.artifacts(), database, ctx.notify_outbox))
+    logger.start()
+    router.prediction_log = logger
+    ctx.on_close(logger.close)
     await router.subscribe_alias_moves(bus)
-    if config.metrics_port:
-        stop = metrics.serve(config.metrics_port, ctx.settings.host)
-        ctx.on_close(lambda: asyncio.to_thread(stop))
+    # The router's per-deployment metrics are served with the process's RPC metrics.
+    ctx.serve_metrics(config.metrics_port, [metrics.registry])
     return services(router)
 
 

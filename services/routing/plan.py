@@ -20,6 +20,7 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from aimass.routing.prediction_log import CaptureOptions
 from aimass.routing.repository import (
     TRITON_VERSION,
     ServingOptions,
@@ -127,8 +128,11 @@ class Plan:
     # Per version, computed once: (entry name, bytes appended to the request for
     # Triton, bytes appended to Triton's answer). Predict pays no encoding.
     _wire: dict[str, tuple[str, bytes, bytes]] = field(default_factory=dict)
+    # Prediction logging of this deployment (sample rate 0: nothing captured).
+    capture: CaptureOptions = field(default_factory=CaptureOptions)
 
     def __post_init__(self) -> None:
+        self.capture = CaptureOptions.from_proto(self.deployment.serving_config.prediction_logging)
         total = 0.0
         for version, weight in self.routes:
             if weight > 0:

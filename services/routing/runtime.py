@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -47,6 +49,7 @@ from aimass.routing.backends import UpstreamError, make_backend
 from aimass.routing.config import RoutingConfig
 from aimass.routing.metrics import RoutingMetrics
 from aimass.routing.plan import LoadedModel, Plan, ServerRuntime, serving_options
+from aimass.routing.prediction_log import Captured, PredictionLogger, sampled
 from aimass.routing.repository import ServingOptions, entry_name
 from aimass.routing.store import RoutingStore, check_id
 from aimass.routing.v1 import routing_pb2 as pb
@@ -95,6 +98,8 @@ class Router:
         self._shadow_in_flight = 0
         self._health_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        # Set by the service when prediction logging is available (see prediction_log).
+        self.prediction_log: PredictionLogger | None = None
 
     # ---- life ---------------------------------------------------------------------------
 
@@ -381,6 +386,7 @@ class Router:
                 )
         if config.HasField("request_timeout") and config.request_timeout.ToNanoseconds() <= 0:
             raise InvalidArgument("deployment.serving_config.request_timeout", "must be positive")
+        _check_prediction_logging(config.prediction_logging)
         for i, server in enumerate(deployment.servers):
             if server not in self.servers:
                 raise NotFound(f"deployment.servers[{i}]: {server} not found")
@@ -688,8 +694,17 @@ class Router:
             f" {state.state_reason or 'not serving yet'}"
         )
 
-    async def predict(self, raw: bytes, deadline_s: float | None) -> bytes:
-        """One Predict: routes the request bytes, answers with Triton's (fields appended)."""
+    async def predict(
+        self,
+        raw: bytes,
+        deadline_s: float | None,
+        request_id: Callable[[], str] | None = None,
+    ) -> bytes:
+        """One Predict: routes the request bytes, answers with Triton's (fields appended).
+
+        A call sampled by the deployment's prediction logging is queued for
+        capture after it ended (``request_id`` is asked only then).
+        """
         request = pb.PredictRequest.FromString(raw)
         plan = self.plan_of(request.deployment)
         options = plan.options
@@ -715,9 +730,13 @@ class Router:
             if deadline_s is None
             else min(deadline_s, options.request_timeout_s)
         )
+        capture = self.prediction_log is not None and sampled(
+            plan.capture.sample_rate, random.random
+        )
         started = time.monotonic()
         plan.in_flight += 1
         code = "OK"
+        response: bytes | None = None
         try:
             response = await self._forward(plan, version, raw, started + timeout)
             if plan.shadow is not None and random.random() * 100 < plan.shadow[1]:
@@ -728,7 +747,33 @@ class Router:
             raise
         finally:
             plan.in_flight -= 1
-            self.metrics.observe(plan.name, version, code, time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self.metrics.observe(plan.name, version, code, elapsed)
+            if capture:
+                self._capture(plan, version, raw, response, code, elapsed, request_id)
+
+    def _capture(
+        self,
+        plan: Plan,
+        version: str,
+        raw: bytes,
+        response: bytes | None,
+        code: str,
+        elapsed: float,
+        request_id: Callable[[], str] | None,
+    ) -> None:
+        if response is None and code == "OK":
+            code = "CANCELLED"
+        call = Captured(
+            time=time.time(),
+            request_id=(request_id() if request_id else "") or uuid.uuid4().hex,
+            model_version=version,
+            latency_s=elapsed,
+            code=code,
+            request=raw,
+            response=response,
+        )
+        self.prediction_log.offer(plan.name, plan.capture, call)  # type: ignore[union-attr]
 
     async def _forward(self, plan: Plan, version: str, raw: bytes, deadline: float) -> bytes:
         model, suffix, _ = plan.wire(version)
@@ -901,6 +946,16 @@ class Router:
         response.ready = all(v in ready_versions for v, w in plan.routes if w > 0)
         response.check_time.GetCurrentTime()
         return response
+
+
+def _check_prediction_logging(config: pb.PredictionLogging) -> None:
+    where = "deployment.serving_config.prediction_logging"
+    if math.isnan(config.sample_rate) or not 0.0 <= config.sample_rate <= 1.0:
+        raise InvalidArgument(f"{where}.sample_rate", f"{config.sample_rate} is not in [0, 1]")
+    if config.calls_per_file < 0:
+        raise InvalidArgument(f"{where}.calls_per_file", "must be 0 or more")
+    if config.HasField("flush_interval") and config.flush_interval.ToNanoseconds() <= 0:
+        raise InvalidArgument(f"{where}.flush_interval", "must be positive")
 
 
 def _describe(tensors: tuple[object, ...]) -> str:

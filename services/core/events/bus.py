@@ -332,6 +332,18 @@ class EventBus:
         self._job_queues.append(queue)
         return queue
 
+    async def pending_jobs(self, kind: str) -> int:
+        """Jobs of ``kind`` waiting on the queue (not yet handed to a worker)."""
+        from aimass.core.events.jobs import job_consumer_name, job_topic
+
+        try:
+            info = await self.js.consumer_info(JOBS_STREAM, job_consumer_name(kind))
+            return int(info.num_pending or 0)
+        except NotFoundError:
+            # No worker of this kind has ever started: every message of its subject waits.
+            stream = await self.js.stream_info(JOBS_STREAM, subjects_filter=job_topic(kind))
+            return int((stream.state.subjects or {}).get(job_topic(kind), 0))
+
     # ---- consuming -----------------------------------------------------------------------
 
     async def subscribe(

@@ -6,6 +6,10 @@
     aimass models alias digits production 3 [--expected 2]
     aimass models export digits 3 --release v1-0-0 --out digits-3.tar.gz
     aimass models import digits-3.tar.gz --model digits
+    aimass models import encoder.onnx --model encoder            (signature read from the graph)
+    aimass models import net.pt --model net --signature 'x:FP32:-1x8->logits'
+    aimass models import weights.pth --model net --factory pkg.nets:build \
+        --factory-kwargs '{"hidden": 64}' --signature 'x:FP32:-1x8'
 
 Every command takes ``--json`` for scripts and ``--address`` (default: the registry of
 the configured stack). Exit codes: 0 done, 1 the registry refused (the message names
@@ -265,22 +269,26 @@ def export(
     console.print(f"{made.name} -> {out} (sha256 {made.bundle.sha256})", highlight=False)
 
 
-@models_app.command("import")
-def import_bundle(
-    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    model: Annotated[str, typer.Option("--model", help="Model to import into (created if new).")],
-    address: AddressOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Import a release bundle as a new version; every sum is checked first."""
-    stub = _stub(address)
+BUNDLE_SUFFIXES = (".tar.gz", ".tgz")
+FORMATS = {
+    "": pb.MODEL_FORMAT_UNSPECIFIED,
+    "onnx": pb.MODEL_FORMAT_ONNX,
+    "torchscript": pb.MODEL_FORMAT_TORCHSCRIPT,
+    "state_dict": pb.MODEL_FORMAT_STATE_DICT,
+}
+
+
+def _upload(
+    stub: registry_pb2_grpc.RegistryServiceStub, path: Path, kind: str
+) -> common_pb2.Artifact:
+    """Streams ``path`` to UploadArtifact with its sha256 and size declared."""
     sha256 = hashlib.sha256()
     for block in _read_chunks(path):
         sha256.update(block)
 
     def requests() -> Iterator[pb.UploadArtifactRequest]:
         header = pb.UploadArtifactHeader(
-            kind="bundle",
+            kind=kind,
             file_name=path.name,
             sha256=sha256.hexdigest(),
             size_bytes=path.stat().st_size,
@@ -291,7 +299,139 @@ def import_bundle(
             yield pb.UploadArtifactRequest(chunk=common_pb2.ByteChunk(offset=offset, data=block))
             offset += len(block)
 
-    uploaded = _call(stub.UploadArtifact, requests())
+    return _call(stub.UploadArtifact, requests())
+
+
+def parse_signature(text: str) -> common_pb2.Signature:
+    """``--signature``: a JSON file (common.v1.Signature) or ``INPUTS[->OUTPUTS]`` inline.
+
+    Each tensor is ``name:DATATYPE:DIMS`` with DIMS like ``-1x8`` (-1: variable), comma
+    separated; an output may be only a name (its type and shape come from the graph).
+    ``input_ids:INT64:-1x-1,attention_mask:INT64:-1x-1->embedding``
+    """
+    if text.endswith(".json") or Path(text).is_file():
+        try:
+            return json_format.Parse(Path(text).read_text(), common_pb2.Signature())
+        except (OSError, json_format.ParseError) as err:
+            raise typer.BadParameter(f"{text}: {err}", param_hint="--signature") from err
+    inputs, _, outputs = text.partition("->")
+    signature = common_pb2.Signature()
+    for side, part in ((signature.inputs, inputs), (signature.outputs, outputs)):
+        for item in filter(None, (piece.strip() for piece in part.split(","))):
+            side.append(_tensor(item, is_input=side is signature.inputs))
+    return signature
+
+
+def _tensor(item: str, *, is_input: bool) -> common_pb2.TensorSpec:
+    name, *rest = item.split(":")
+    if not name or len(rest) not in ((2,) if is_input else (0, 2)):
+        raise typer.BadParameter(
+            f"{item!r}: expected name:DATATYPE:DIMS (e.g. input:FP32:-1x8)",
+            param_hint="--signature",
+        )
+    if not rest:
+        return common_pb2.TensorSpec(name=name)
+    datatype, dims = rest
+    try:
+        shape = [int(d) for d in dims.lower().split("x")] if dims else []
+    except ValueError as err:
+        raise typer.BadParameter(
+            f"{item!r}: dims must be integers joined by x, like -1x8", param_hint="--signature"
+        ) from err
+    return common_pb2.TensorSpec(name=name, datatype=datatype.upper(), shape=shape)
+
+
+def _is_bundle(path: Path) -> bool:
+    return path.name.endswith(BUNDLE_SUFFIXES)
+
+
+@models_app.command("import")
+def import_file(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    model: Annotated[str, typer.Option("--model", help="Model to import into (created if new).")],
+    signature: Annotated[
+        str,
+        typer.Option(
+            "--signature",
+            help="Inputs[->outputs] as name:DATATYPE:DIMS,... (e.g. x:FP32:-1x8->logits), "
+            "or a JSON file. Read from the graph for ONNX; inputs required for torch files.",
+        ),
+    ] = "",
+    model_format: Annotated[
+        str, typer.Option("--format", help="onnx, torchscript or state_dict (default: guessed).")
+    ] = "",
+    factory: Annotated[
+        str, typer.Option("--factory", help="State dict: package.module:factory of the network.")
+    ] = "",
+    factory_kwargs: Annotated[
+        str, typer.Option("--factory-kwargs", help="State dict: factory keyword arguments, JSON.")
+    ] = "",
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config",
+            help='Version config, JSON: {"task": "classification", "classes": [...], '
+            '"signature": {"label_column": ..., "inputs": [{"name": ..., "columns": [...]}]}}',
+        ),
+    ] = "",
+    description: Annotated[str, typer.Option("--description")] = "",
+    tags: Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable.")] = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Import a model file made outside aimass (ONNX, TorchScript, or state dict + factory),
+    or a release bundle (.tar.gz) exported by another aimass, as a new version."""
+    if model_format not in FORMATS:
+        _fail(f"--format must be one of {', '.join(f for f in FORMATS if f)}", EXIT_USAGE)
+    if _is_bundle(path):
+        _import_bundle(path, model, address, as_json)
+        return
+    request = pb.ImportModelVersionRequest(
+        parent=_model_name(model),
+        file_name=path.name,
+        format=FORMATS[model_format],
+        factory=factory,
+        model_version=pb.ModelVersion(description=description, tags=_tags(tags or [])),
+    )
+    if signature:
+        request.signature.CopyFrom(parse_signature(signature))
+    for option, text, target in (
+        ("--factory-kwargs", factory_kwargs, request.factory_kwargs),
+        ("--config", config, request.model_version.config.values),
+    ):
+        if text:
+            try:
+                target.update(json.loads(text))
+            except (ValueError, AttributeError, TypeError) as err:
+                _fail(f"{option} must be a JSON object: {err}", EXIT_USAGE)
+    stub = _stub(address)
+    request.source_uri = _upload(stub, path, "upload").uri
+    imported = _call(stub.ImportModelVersion, request)
+    if as_json:
+        _print_json(_as_dict(imported))
+        return
+    tensors = ", ".join(
+        f"{t.name}:{t.datatype}{list(t.shape)}"
+        for t in (*imported.signature.inputs, *imported.signature.outputs)
+    )
+    kinds = ", ".join(a.kind for a in imported.artifacts)
+    console.print(f"imported {path.name} as {imported.name} ({kinds}; {tensors})", highlight=False)
+
+
+def _tags(pairs: list[str]) -> dict[str, str]:
+    tags = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--tag {pair!r}: expected key=value", EXIT_USAGE)
+        tags[key] = value
+    return tags
+
+
+def _import_bundle(path: Path, model: str, address: str | None, as_json: bool) -> None:
+    """A release bundle: every sum is checked by the registry before anything is stored."""
+    stub = _stub(address)
+    uploaded = _upload(stub, path, "bundle")
     imported = _call(
         stub.ImportRelease,
         pb.ImportReleaseRequest(parent=_model_name(model), bundle_uri=uploaded.uri),
