@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import grpc
 import typer
-from google.protobuf import json_format
-from google.protobuf.message import Message
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from aimass.cli.common import EXIT_USAGE, channel, console
+from aimass.cli.common import call as _call
+from aimass.cli.common import fail as _fail
+from aimass.cli.common import print_json as _print_json
 from aimass.common.v1 import common_pb2
 from aimass.core.errors import InvalidArgument
-from aimass.core.settings import SettingsError, load_settings
 from aimass.data import config as cfg
 from aimass.data.v1 import data_pb2 as pb
 from aimass.data.v1 import data_pb2_grpc
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 TERMINAL = {
     common_pb2.JOB_STATE_SUCCEEDED,
     common_pb2.JOB_STATE_FAILED,
@@ -30,7 +27,6 @@ TERMINAL = {
 }
 
 data_app = typer.Typer(help="Datasets: ingest, versions, splits.", no_args_is_help=True)
-console = Console()
 
 AddressOption = Annotated[
     str | None,
@@ -42,30 +38,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 
 def _stub(address: str | None) -> data_pb2_grpc.DataServiceStub:
-    if address is None:
-        try:
-            address = load_settings().service_address("data")
-        except SettingsError as err:
-            _fail(str(err), EXIT_USAGE)
-    return data_pb2_grpc.DataServiceStub(grpc.insecure_channel(address))
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _call(function: Any, request: Message) -> Any:
-    try:
-        return function(request)
-    except grpc.RpcError as err:
-        _fail(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
-
-
-def _print_json(message: Message) -> None:
-    typer.echo(
-        json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2)
-    )
+    return data_pb2_grpc.DataServiceStub(channel("data", address))
 
 
 @data_app.command()

@@ -16,64 +16,41 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import grpc
 import numpy as np
 import typer
-from google.protobuf import field_mask_pb2, json_format
-from google.protobuf.message import Message
-from rich.console import Console
+from google.protobuf import field_mask_pb2
 from rich.table import Table
 
-from aimass.core.settings import SettingsError, load_settings
+from aimass.cli.common import EXIT_USAGE, channel, console
+from aimass.cli.common import call as _call
+from aimass.cli.common import fail as _fail
+from aimass.cli.common import print_json as _print_json
 from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.v1 import routing_pb2_grpc
 from aimass.serving.endpoint import decode_response, encode_request
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
 deploy_app = typer.Typer(
     help="Deployments: endpoints routing to model versions on Triton.", no_args_is_help=True
 )
-console = Console()
 
 AddressOption = Annotated[
     str | None,
     typer.Option("--address", help="host:port of the routing service (default: the stack's)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _channel(address: str | None) -> grpc.Channel:
+    return channel("routing", address)
+
+
 RouteOption = Annotated[
     list[str],
     typer.Option("--route", help="MODEL=WEIGHT, MODEL a version or alias name; repeatable."),
 ]
-
-
-def _channel(address: str | None) -> grpc.Channel:
-    if address is None:
-        try:
-            address = load_settings().service_address("routing")
-        except SettingsError as err:
-            _fail(str(err), EXIT_USAGE)
-    return grpc.insecure_channel(address)
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _call(function: Any, request: Message) -> Any:
-    try:
-        return function(request)
-    except grpc.RpcError as err:
-        _fail(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
-
-
-def _print_json(message: Message) -> None:
-    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    typer.echo(json.dumps(as_dict, indent=2, sort_keys=True))
 
 
 def parse_routes(values: list[str]) -> list[pb.Route]:

@@ -18,22 +18,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import grpc
 import typer
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from rich.console import Console
 from rich.table import Table
 
+from aimass.cli.common import EXIT_USAGE, channel, console
+from aimass.cli.common import call as _call
+from aimass.cli.common import fail as _fail
 from aimass.common.v1 import common_pb2
-from aimass.core.settings import SettingsError, load_settings
 from aimass.evaluation.v1 import evaluation_pb2 as pb
 from aimass.evaluation.v1 import evaluation_pb2_grpc
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 SPLITS = {"train": common_pb2.DATASET_SPLIT_TRAIN, "valid": common_pb2.DATASET_SPLIT_VALID,
           "test": common_pb2.DATASET_SPLIT_TEST}  # fmt: skip
 
@@ -43,7 +42,6 @@ eval_app = typer.Typer(
     help="Evaluate model versions: metrics, reports, comparisons, benchmarks.",
     no_args_is_help=True,
 )
-console = Console()
 
 AddressOption = Annotated[
     str | None,
@@ -52,25 +50,8 @@ AddressOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
 def _stub(address: str | None) -> evaluation_pb2_grpc.EvaluationServiceStub:
-    if address is None:
-        try:
-            address = load_settings().service_address("evaluation")
-        except SettingsError as err:
-            _fail(str(err), EXIT_USAGE)
-    return evaluation_pb2_grpc.EvaluationServiceStub(grpc.insecure_channel(address))
-
-
-def _call(function: Any, request: Message) -> Any:
-    try:
-        return function(request)
-    except grpc.RpcError as err:
-        _fail(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
+    return evaluation_pb2_grpc.EvaluationServiceStub(channel("evaluation", address))
 
 
 def _split(value: str) -> int:

@@ -22,28 +22,27 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import grpc
 import typer
 from google.protobuf import json_format
-from google.protobuf.message import Message
-from rich.console import Console
 from rich.table import Table
 
+from aimass.cli.common import EXIT_USAGE, channel, console
+from aimass.cli.common import as_dict as _as_dict
+from aimass.cli.common import call as _call
+from aimass.cli.common import fail as _fail
+from aimass.cli.common import print_json as _print_json
 from aimass.common.v1 import common_pb2
-from aimass.core.settings import SettingsError, load_settings
 from aimass.registry.v1 import registry_pb2 as pb
 from aimass.registry.v1 import registry_pb2_grpc
 
 CHUNK_SIZE = 1024 * 1024
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 models_app = typer.Typer(
     help="Registered models, versions, aliases and release bundles.", no_args_is_help=True
 )
-console = Console()
 
 AddressOption = Annotated[
     str | None,
@@ -53,33 +52,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 
 def _stub(address: str | None) -> registry_pb2_grpc.RegistryServiceStub:
-    if address is None:
-        try:
-            address = load_settings().service_address("registry")
-        except SettingsError as err:
-            _fail(str(err), EXIT_USAGE)
-    channel = grpc.insecure_channel(address)
-    return registry_pb2_grpc.RegistryServiceStub(channel)
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _call(function: Any, request: Message) -> Any:
-    try:
-        return function(request)
-    except grpc.RpcError as err:
-        _fail(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
-
-
-def _as_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
-def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, sort_keys=True))
+    return registry_pb2_grpc.RegistryServiceStub(channel("registry", address))
 
 
 def _model_name(model: str) -> str:
