@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from opentelemetry import trace
 
 from aimass.core.errors import Unavailable
 from aimass.core.events.envelope import (
@@ -40,11 +41,13 @@ from aimass.core.events.envelope import (
     decode_envelope,
     validate_name,
 )
+from aimass.core.telemetry import extract_context
 
 if TYPE_CHECKING:
     from aimass.core.events.bus import EventBus
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer("aimass.core.events.jobs")
 
 
 def job_topic(kind: str) -> str:
@@ -94,11 +97,22 @@ class Job:
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, interval_s: float | None = None) -> AsyncIterator[Job]:
-        """Sends ``in_progress`` every ``interval_s`` (default ack_wait / 3) during the block."""
+        """Sends ``in_progress`` every ``interval_s`` (default ack_wait / 3) during the block.
+
+        The block runs in a CONSUMER span that continues the trace of whoever enqueued the
+        job (the trace context rides in the message headers), so the calls a worker makes
+        join the trace of the Create call that started the job.
+        """
         interval = interval_s if interval_s is not None else self.ack_wait_s / 3
         task = asyncio.create_task(self._heartbeat(interval), name=f"heartbeat-{self.name}")
         try:
-            yield self
+            with _tracer.start_as_current_span(
+                f"{self.kind} job",
+                context=extract_context(self.message.headers or {}),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"aimass.job": self.name, "aimass.job.attempt": self.num_delivered},
+            ):
+                yield self
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
