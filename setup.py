@@ -12,6 +12,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 SERVICES = ["core", "data", "training", "evaluation", "compression", "registry", "routing"]
+SERVICES += ["pipeline"]
 # One generated package per proto package that has .proto files.
 PROTO_PACKAGES = sorted({p.parent.parent.name for p in ROOT.glob("protos/aimass/*/v1/*.proto")})
 

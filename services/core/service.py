@@ -99,7 +99,11 @@ class ServiceContext:
         process plus ``registries`` (a service's own). Once per process; 0 means off."""
         if port <= 0 or "metrics" in self.resources:
             return
-        stop = serve_metrics(port, self.settings.host, registries)
+        try:
+            stop = serve_metrics(port, self.settings.host, registries)
+        except OSError as err:  # the port is taken: serve without metrics rather than not at all
+            log.warning("%s: metrics port %d unavailable: %s", self.name, port, err)
+            return
         self.resources["metrics"] = stop
         self.on_close(lambda: asyncio.to_thread(stop))
 
@@ -139,11 +143,8 @@ async def close_context(ctx: ServiceContext) -> None:
 
 async def _run(name: str, build: BuildFn, settings: Settings) -> None:
     running, ctx = await start_service(name, build, settings)
-    try:
-        # A real process exposes its metrics (unless its build already did, with its own).
-        ctx.serve_metrics(settings.ports.metrics)
-    except OSError as err:  # the port is taken: serve without metrics rather than not at all
-        log.warning("%s: metrics port %d unavailable: %s", name, settings.ports.metrics, err)
+    # A real process exposes its metrics (unless its build already did, with its own).
+    ctx.serve_metrics(settings.ports.metrics)
     await serve_until_signal(running, name, settings.shutdown_grace_s)
 
 

@@ -36,8 +36,14 @@ EXPECTED_SERVICES = {
     "training": {"aimass.training.v1.TrainingService"},
     "evaluation": {"aimass.evaluation.v1.EvaluationService"},
     "compression": {"aimass.compression.v1.CompressionService"},
-    "registry": {"aimass.registry.v1.RegistryService"},
+    # The registry process also serves access control (API keys, webhooks).
+    "registry": {
+        "aimass.registry.v1.RegistryService",
+        "aimass.access.v1.AccessService",
+        "aimass.access.v1.WebhookService",
+    },
     "routing": {"aimass.routing.v1.RoutingService", "aimass.routing.v1.PredictionService"},
+    "pipeline": {"aimass.pipeline.v1.PipelineService"},
 }
 # Statuses a service's own handler gives to an empty request (UNIMPLEMENTED while it is a
 # skeleton); UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN or INTERNAL would mean it did not answer.
@@ -187,7 +193,8 @@ def test_status_shows_every_component_serving(stack: Stack) -> None:
     assert code == 0
     assert status["all_serving"] is True
     rows = components(status)
-    assert set(rows) == {"supervisor", "nats", *EXPECTED_SERVICES}
+    # The REST gateway (aimass.gateway) is a component too, probed over HTTP.
+    assert set(rows) == {"supervisor", "nats", "gateway", "training-worker", *EXPECTED_SERVICES}
     assert {r["state"] for r in rows.values()} == {"SERVING"}
     assert rows["registry"]["address"] == f"127.0.0.1:{stack.ports['registry']}"
     assert rows["nats"]["address"] == f"127.0.0.1:{stack.ports['nats']}"
@@ -253,7 +260,8 @@ def test_down_leaves_no_process_and_status_then_exits_3(tmp_path: Path) -> None:
     recorded = components(status)
     state = json.loads((stack.home / "run" / "stack.json").read_text())
     groups = [c["pgid"] for c in state["components"]]
-    assert len(groups) == len(EXPECTED_SERVICES) + 1
+    # One group per service, plus nats, the REST gateway and the training worker.
+    assert len(groups) == len(EXPECTED_SERVICES) + 3
 
     result = aimass("down", env=stack.env)
 
@@ -309,7 +317,8 @@ def test_demo_shows_every_service_answering_and_stops_everything(tmp_path: Path)
     env, _ = stack_env(tmp_path / "unused")
     home = tmp_path / "demo"
 
-    result = aimass("demo", "--home", str(home), env=env)
+    # --services-only: the full demo (both example pipelines) is `make demo`.
+    result = aimass("demo", "--home", str(home), "--services-only", env=env)
 
     assert result.returncode == 0, result.stderr + result.stdout
     assert "UNIMPLEMENTED" in result.stdout

@@ -23,7 +23,9 @@ import typer
 from rich.logging import RichHandler
 
 from aimass.cli import output
+from aimass.cli.evaluate import eval_app
 from aimass.cli.models import models_app
+from aimass.cli.train import jobs_app, train, worker_app
 from aimass.core.errors import AimassError
 from aimass.core.settings import Settings, SettingsError, load_settings
 from aimass.embedded.components import stack_settings
@@ -57,6 +59,10 @@ db_app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.command("train")(train)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(worker_app, name="worker")
+app.add_typer(eval_app, name="eval")
 
 HomeOption = Annotated[
     Path | None,
@@ -121,6 +127,7 @@ def up(
     if detach:
         state = _start_detached(settings.home, port_offset, timeout)
         output.out.print(output.started_table(state))
+        _print_admin_key(settings)
         layout = StackLayout(settings.home)
         output.out.print(
             f"stack running in the background; logs in {layout.logs_dir}"
@@ -128,6 +135,18 @@ def up(
         )
         return
     _run_foreground(settings, timeout)
+
+
+def _print_admin_key(settings: Settings) -> None:
+    """Creates the stack's admin API key on its first start; says where it is (never the key)."""
+    from aimass.core.auth.bootstrap import ensure_admin_key
+
+    path, created = ensure_admin_key(settings.home, settings.database_url)
+    note = "created" if created else "kept"
+    enforced = (
+        "enforced" if settings.auth.enabled else "not enforced until AIMASS_AUTH__ENABLED=true"
+    )
+    output.out.print(f"admin API key {note} in {path} (mode 0600; access control {enforced})")
 
 
 def _start_detached(home: Path, port_offset: int, timeout: float) -> StackState:
@@ -153,6 +172,7 @@ def _run_foreground(settings: Settings, timeout: float) -> None:
     def ready(state: StackState) -> None:
         spinner.stop()
         output.out.print(output.started_table(state))
+        _print_admin_key(settings)
         output.out.print(
             f"every component is SERVING; logs in {StackLayout(settings.home).logs_dir}."
             " Ctrl-C stops the stack."
@@ -243,14 +263,42 @@ def demo(
     ),
     port_offset: OffsetOption = 0,
     timeout: TimeoutOption = 90.0,
+    pipelines: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--pipeline",
+            help="Pipeline files to run (default: examples/pipelines/digits.yaml and"
+            " breast_cancer.yaml).",
+        ),
+    ] = None,
+    services_only: Annotated[
+        bool,
+        typer.Option("--services-only", help="Only show every service answering one RPC."),
+    ] = False,
 ) -> None:
-    """Start a fresh stack, show it healthy, call one RPC on every service, stop it."""
+    """Start a fresh stack, run the example pipelines end to end, print their summaries, stop."""
+    from aimass.cli.pipeline import DEMO_PIPELINES, run_demo_pipelines, write_demo_data
+
+    files = list(pipelines or DEMO_PIPELINES)
+    missing = [str(p) for p in files if not p.exists()]
+    if missing and not services_only:
+        _fail(f"pipeline file not found: {', '.join(missing)} (run from the repository root)",
+              EXIT_USAGE)  # fmt: skip
     settings = _settings(home, port_offset)
     _clear_demo_home(settings.home)
+    write_demo_data(settings.data_roots[0])
     _start_detached(settings.home, port_offset, timeout)
     healthy = False
     try:
-        healthy = _show_demo(settings.home)
+        if services_only:
+            healthy = _show_demo(settings.home)
+        else:
+            result = stack_status(settings.home)
+            title = f"aimass stack in {settings.home}"
+            output.out.print(output.status_table(result.components, title))
+            healthy = result.all_serving and run_demo_pipelines(
+                settings.service_address("pipeline"), files
+            )
     finally:
         with output.err.status("stopping the stack"):
             report = stop_stack(settings.home)
@@ -273,7 +321,8 @@ def _show_demo(home: Path) -> bool:
     answers: list[tuple[str, RpcAnswer]] = []
     with output.err.status("calling one RPC on each service"):
         for component in result.components:
-            if component.kind == "grpc":
+            # Triton serves no gRPC reflection: only aimass's own services are called.
+            if component.kind == "grpc" and component.name != "triton":
                 for answer in call_one_rpc_per_service(component.address):
                     answers.append((component.name, answer))
     output.out.print(output.rpc_table(answers))
@@ -283,7 +332,11 @@ def _show_demo(home: Path) -> bool:
 
 def _every_component_called(result: StackStatus, answers: list[tuple[str, RpcAnswer]]) -> bool:
     called = {component for component, _ in answers}
-    serving = {c.name for c in result.components if c.kind == "grpc" and c.state == SERVING}
+    serving = {
+        c.name
+        for c in result.components
+        if c.kind == "grpc" and c.name != "triton" and c.state == SERVING
+    }
     return serving <= called
 
 
@@ -340,3 +393,21 @@ def _redact_url(url: str) -> str:
 from aimass.cli.data import data_app  # noqa: E402
 
 app.add_typer(data_app, name="data")
+
+from aimass.cli.keys import keys_app  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+
+from aimass.cli.compress import compress_app  # noqa: E402
+
+app.add_typer(compress_app, name="compress")
+
+from aimass.cli.deploy import deploy_app, predict_command  # noqa: E402
+
+app.add_typer(deploy_app, name="deploy")
+app.command("predict")(predict_command)
+
+from aimass.cli.pipeline import pipelines_app, run_command  # noqa: E402
+
+app.add_typer(pipelines_app, name="pipelines")
+app.command("run")(run_command)

@@ -49,7 +49,15 @@ class ClientConfig:
         settings = load_settings()
         resolved = {
             name: settings.service_address(name)
-            for name in ("data", "training", "evaluation", "compression", "registry", "routing")
+            for name in (
+                "data",
+                "training",
+                "evaluation",
+                "compression",
+                "registry",
+                "routing",
+                "pipeline",
+            )
         }
         resolved.update(file.get("addresses") or {})
         resolved.update(addresses or {})

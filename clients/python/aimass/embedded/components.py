@@ -40,6 +40,8 @@ class ComponentSpec:
     # Every port it binds, with what it is for: checked before anything starts.
     ports: tuple[tuple[str, int], ...]
     log: Path
+    # Environment for this component only, over the stack's (child_env).
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def available_services() -> list[str]:
@@ -115,16 +117,22 @@ def plan(settings: Settings, layout: StackLayout, services: list[str]) -> list[C
         ports=((NATS, settings.ports.nats), ("nats monitor", settings.ports.nats_monitor)),
         log=layout.log_of(NATS),
     )
+    # All processes share one host here, so each service gets its own metrics port:
+    # ports.metrics + its index (each container of the compose stack uses ports.metrics).
     grpc_services = [
         ComponentSpec(
             name=name,
             kind="grpc",
             argv=(sys.executable, "-m", f"aimass.{name}"),
             address=settings.service_address(name),
-            ports=((name, settings.ports.of(name)),),
+            ports=(
+                (name, settings.ports.of(name)),
+                (f"{name} metrics", settings.ports.metrics + index),
+            ),
             log=layout.log_of(name),
+            env=(("AIMASS_PORTS__METRICS", str(settings.ports.metrics + index)),),
         )
-        for name in services
+        for index, name in enumerate(services)
     ]
     gateway = ComponentSpec(
         name=GATEWAY,

@@ -254,7 +254,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self._env,
+                env={**self._env, **dict(spec.env)},
                 # Own group: Ctrl-C in the terminal reaches only the supervisor, and a
                 # stop reaches the component's own children too (killpg).
                 process_group=0,

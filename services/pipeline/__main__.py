@@ -1,0 +1,3 @@
+from aimass.pipeline.main import main
+
+main()
