@@ -11,13 +11,13 @@ PROTO_STAMP := gen/python/.stamp
 INSTALL_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help demo test bench lint format protos buf-lint up down status clean
+.PHONY: help demo test bench lint audit format protos buf-lint clients up down status clean
 
 help:
 	@echo "make demo    start the embedded stack, run the pipeline, print what happened"
 	@echo "make test    run the whole test suite (real NATS, PostgreSQL, S3 server, Triton)"
 	@echo "make bench   run every benchmark, tables into docs/benchmarks/"
-	@echo "make lint    ruff and buf lint"
+	@echo "make lint    ruff, buf lint and the dependency audit (make audit, pip-audit)"
 	@echo "make protos  regenerate the Python code of protos/ into gen/python"
 
 $(VENV)/bin/python:
@@ -69,9 +69,42 @@ buf-lint: $(BUF)
 	$(BUF) lint
 	$(BUF) build -o /dev/null
 
-lint: $(INSTALL_STAMP) buf-lint
+# Every client of buf.gen.yaml (TypeScript, Go, Java, C++) into clients/*/gen;
+# the local plugins it needs are listed in docs/clients.md.
+clients: $(BUF)
+	$(BUF) generate --template buf.gen.yaml
+
+lint: $(INSTALL_STAMP) buf-lint audit
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Dependency audit (docs/testing.md): pip-audit, in its own venv so its dependencies are
+# not audited as ours, over the pinned freeze of .venv. Needs the network (PyPI / OSV);
+# offline it says so and passes. Not part of `make test`. Fails on any known vulnerability.
+AUDIT_VENV := build/audit-venv
+AUDIT_OUT := build/audit
+
+audit: $(INSTALL_STAMP)
+	@mkdir -p $(AUDIT_OUT)
+	@test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && \
+	  $(AUDIT_VENV)/bin/pip install --quiet "pip-audit==2.10.1"; } || \
+	  { echo "audit: pip-audit cannot be installed (offline?): skipped"; exit 0; }
+	@$(PIP) freeze --exclude-editable > $(AUDIT_OUT)/requirements.txt
+	@rm -f $(AUDIT_OUT)/report.json; \
+	$(AUDIT_VENV)/bin/pip-audit -r $(AUDIT_OUT)/requirements.txt --no-deps --disable-pip \
+	  --progress-spinner off -f json -o $(AUDIT_OUT)/report.json 2>$(AUDIT_OUT)/log.txt; \
+	rc=$$?; \
+	if [ ! -s $(AUDIT_OUT)/report.json ]; then \
+	  echo "audit: the vulnerability service cannot be reached (offline?): skipped," \
+	    "see $(AUDIT_OUT)/log.txt"; exit 0; fi; \
+	$(PY) -c 'import json, sys; deps = json.load(open(sys.argv[1]))["dependencies"]; \
+	skipped = [d for d in deps if "skip_reason" in d]; \
+	found = [(d["name"], d["version"], v["id"]) for d in deps for v in d.get("vulns", [])]; \
+	[print("audit: VULNERABLE", *f) for f in found]; \
+	print(f"audit: {len(deps) - len(skipped)} of {len(deps)} packages audited," \
+	      f" {len(found)} known vulnerabilities, {len(skipped)} not found in the index")' \
+	  $(AUDIT_OUT)/report.json; \
+	exit $$rc
 
 format: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff format .

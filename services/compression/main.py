@@ -10,11 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aimass.compression.api import CompressionServicer
-from aimass.compression.runner import Runner
-from aimass.compression.sources import Sources
-from aimass.compression.triton_check import triton_checker
 from aimass.compression.v1 import compression_pb2_grpc
-from aimass.compression.worker import JobWorker, PolicyTrigger
+from aimass.compression.worker import JobWorker, PolicyTrigger, open_runner
 from aimass.core.server import GrpcService
 from aimass.core.service import ServiceContext, run_service
 
@@ -24,17 +21,8 @@ SERVICE_NAME = "compression"
 async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
     """The compression service over the database, artifact store, event bus and other services."""
     database = ctx.database()
-    artifacts = await ctx.artifacts()
     bus = await ctx.event_bus()
-    home = ctx.settings.home
-    sources = Sources(ctx.channels(), home / "cache" / "compression" / "models")
-    checker = triton_checker(home / "cache" / "compression" / "triton")
-    if checker is not None:
-        ctx.on_close(checker.close)
-    runner = Runner(
-        database, artifacts, sources, ctx.notify_outbox, home / "work" / "compression",
-        checker.check if checker is not None else None,
-    )  # fmt: skip
+    runner, sources = await open_runner(ctx)
     worker = JobWorker(bus, runner)
     await worker.start()
     ctx.on_close(worker.stop)

@@ -32,6 +32,13 @@ STATIC_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention")
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
 
+# Attention graphs: INT8 on MatMul only, per channel (BYOM measurement on MiniLM: also
+# quantizing the embedding Gather, or per-tensor scales, dropped cosine below 0.99).
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "com.microsoft.Attention",
+                 "com.microsoft.MultiHeadAttention")  # fmt: skip
+ATTENTION_QUANTIZED_OPS = ("MatMul",)
+
+
 class StepSkipped(Exception):
     """The technique does not apply to this model; the message says why (naming operators)."""
 
@@ -52,6 +59,21 @@ def op_types(path: Path) -> list[str]:
 
     walk(model.graph)
     return sorted(found)
+
+
+def has_attention(path: Path) -> bool:
+    """Whether the graph computes attention: an attention operator, or Softmax over MatMuls."""
+    present = set(op_types(path))
+    return bool(present & set(ATTENTION_OPS)) or {"Softmax", "MatMul"} <= present
+
+
+def int8_defaults(
+    path: Path, per_channel: bool | None, op_types_to_quantize: Sequence[str]
+) -> tuple[bool, list[str]]:
+    """The per-channel flag and operator types a step uses when the request leaves them out."""
+    attention = has_attention(path)
+    chosen = list(op_types_to_quantize) or (list(ATTENTION_QUANTIZED_OPS) if attention else [])
+    return (attention if per_channel is None else per_channel), chosen
 
 
 def _custom_ops(path: Path) -> list[str]:
@@ -101,11 +123,15 @@ def quantize_dynamic(
     per_channel: bool = False,
     reduce_range: bool = False,
     weight_type: str = "int8",
+    op_types_to_quantize: Sequence[str] = (),
 ) -> None:
-    """INT8 weights, activations quantized at run time (MatMul/Gemm/Conv -> integer ops)."""
+    """INT8 weights, activations quantized at run time (MatMul/Gemm/Conv -> integer ops).
+
+    ``op_types_to_quantize`` empty: every operator type ``DYNAMIC_OPS`` names.
+    """
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    require_ops(source, "dynamic INT8 quantization", DYNAMIC_OPS)
+    require_ops(source, "dynamic INT8 quantization", op_types_to_quantize or DYNAMIC_OPS)
     with _quiet():
         ort_quantize_dynamic(
             str(source),
@@ -113,6 +139,7 @@ def quantize_dynamic(
             per_channel=per_channel,
             reduce_range=reduce_range,
             weight_type=_quant_type(weight_type),
+            op_types_to_quantize=list(op_types_to_quantize) or None,
         )
 
 
@@ -142,13 +169,18 @@ def quantize_static(
     quant_format: str = "qdq",
     activation_type: str = "uint8",
     weight_type: str = "int8",
+    op_types_to_quantize: Sequence[str] = (),
 ) -> None:
-    """INT8 weights and activations, ranges calibrated on ``calibration`` batches."""
+    """INT8 weights and activations, ranges calibrated on ``calibration`` batches.
+
+    ``op_types_to_quantize`` empty: every operator type of the graph, less
+    ``op_types_to_exclude``.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    require_ops(source, "static INT8 quantization", STATIC_OPS)
+    require_ops(source, "static INT8 quantization", op_types_to_quantize or STATIC_OPS)
     if not calibration:
         raise ValueError("static quantization needs at least one calibration batch")
     present = set(op_types(source))
@@ -166,7 +198,8 @@ def quantize_static(
     extra: dict[str, object] = {}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    quantized_ops = sorted(present - excluded_ops)
+    wanted = set(op_types_to_quantize) or present
+    quantized_ops = sorted((present & wanted) - excluded_ops)
     with tempfile.TemporaryDirectory() as scratch, _quiet():
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)

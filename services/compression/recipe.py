@@ -185,15 +185,25 @@ def _run_step(
     model = state.torch_model
     if method == "quantize_dynamic":
         s = step.quantize_dynamic
-        outcome.params = {"per_channel": s.per_channel, "reduce_range": s.reduce_range,
-                          "weight_type": _quant(s.weight_type, "int8")}  # fmt: skip
+        per_channel, op_types = ox.int8_defaults(
+            state.onnx_path, s.per_channel if s.HasField("per_channel") else None,
+            s.op_types_to_quantize,
+        )  # fmt: skip
+        outcome.params = {"per_channel": per_channel, "reduce_range": s.reduce_range,
+                          "weight_type": _quant(s.weight_type, "int8"),
+                          "op_types_to_quantize": op_types}  # fmt: skip
         ox.quantize_dynamic(state.onnx_path, target, **outcome.params)
     elif method == "quantize_static":
         s = step.quantize_static
         calibration = inputs.calibration(s)
+        per_channel, op_types = ox.int8_defaults(
+            state.onnx_path, s.per_channel if s.HasField("per_channel") else None,
+            s.op_types_to_quantize,
+        )  # fmt: skip
         outcome.params = {
             "method": _CALIBRATORS.get(s.calibrator, "minmax"),
-            "percentile": s.percentile or 99.999, "per_channel": s.per_channel,
+            "percentile": s.percentile or 99.999, "per_channel": per_channel,
+            "op_types_to_quantize": op_types,
             "nodes_to_exclude": list(s.nodes_to_exclude),
             "op_types_to_exclude": list(s.op_types_to_exclude),
             "quant_format": "qoperator" if s.quant_format == pb.QUANT_FORMAT_QOPERATOR else "qdq",

@@ -11,7 +11,10 @@ so it is registered once).
 
 Before registration the chosen model is checked: it loads in onnxruntime, its
 outputs are within the recipe's tolerance of the parent's (for steps meant to
-keep the function), and Triton loads it when a Triton checker is configured.
+keep the function), and Triton accepts it (:mod:`aimass.compression.triton_check`: loaded
+under a temporary name, one inference compared with ONNX Runtime); a refusal fails the
+step with Triton's message and nothing is registered; without a Triton the report says
+the check was skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,12 @@ import torch
 from google.protobuf import struct_pb2
 
 from aimass.common.v1 import common_pb2
+from aimass.compression import evaluations as ev
 from aimass.compression import measure as ms
 from aimass.compression import recipe as rc
 from aimass.compression import store as st
 from aimass.compression import structural as sx
+from aimass.compression import triton_check as tc
 from aimass.compression.sources import Sources, artifact_of, require_onnx, version_config
 from aimass.compression.v1 import compression_pb2 as pb
 from aimass.core import nn as ann
@@ -40,6 +45,7 @@ from aimass.core.artifacts import ArtifactStore
 from aimass.core.db.engine import Database
 from aimass.core.errors import AimassError, FailedPrecondition, Unavailable
 from aimass.core.events import add_event
+from aimass.core.triton.acceptance import Verdict
 from aimass.events.v1 import events_pb2
 from aimass.registry.v1 import registry_pb2
 
@@ -51,7 +57,9 @@ SPLIT_NAMES = {common_pb2.DATASET_SPLIT_TRAIN: "train", common_pb2.DATASET_SPLIT
                common_pb2.DATASET_SPLIT_TEST: "test"}  # fmt: skip
 CHECK_ROWS = 1024
 DEFAULT_CALIBRATION_ROWS = 512
-TritonCheck = Callable[[Path], "str | None"]
+TritonCheck = Callable[[Path, dict[str, np.ndarray]], Awaitable[Verdict]]
+# Rows of the check split sent through Triton by the acceptance check.
+TRITON_SAMPLE_ROWS = 4
 
 
 class JobCancelled(Exception):
@@ -177,6 +185,7 @@ class Runner:
         notify_outbox: Callable[[], None],
         work_dir: Path,
         triton_check: TritonCheck | None = None,
+        evaluations: ev.Evaluations | None = None,
     ) -> None:
         self.database = database
         self.artifacts = artifacts
@@ -184,6 +193,7 @@ class Runner:
         self.notify_outbox = notify_outbox
         self.work_dir = work_dir
         self.triton_check = triton_check
+        self.evaluations = evaluations
 
     # --------------------------------------------------------------- state changes
 
@@ -413,11 +423,10 @@ class Runner:
         chosen = result.chosen
         if chosen is None and job.recipe.mode == pb.RECIPE_MODE_CANDIDATES:
             chosen = self._fastest(result.outcomes, figures, job.recipe.selection)
-        if chosen is not None and self.triton_check is not None:
-            assert chosen.onnx_path is not None
-            problem = await asyncio.to_thread(self.triton_check, chosen.onnx_path)
-            if problem:
-                chosen.status, chosen.reason = rc.FAILED, f"Triton refused the model: {problem}"
+        triton_line = ""
+        if chosen is not None:
+            triton_line = await self._check_in_triton(chosen, evaluation)
+            if triton_line.startswith("failed"):
                 chosen = None
         baseline = rc.Outcome("baseline", "", rc.APPLIED, metric_before=result.parent_metric,
                               metric_after=result.parent_metric,
@@ -437,6 +446,7 @@ class Runner:
             "baseline": st.report_dict(baseline_report),
             "steps": [st.report_dict(r) for r in reports],
             "chosen_step": chosen.name if chosen is not None else "",
+            "triton_check": triton_line,
         }
         if chosen is None:
             return results, ""
@@ -445,7 +455,34 @@ class Runner:
             job_id, job, parent, config, chosen, figures["baseline"], figures[f"step-{index}"],
             metric, result.parent_metric,
         )  # fmt: skip
+        own = (result.parent_metric, chosen.metric_after)
+        results["before_after"] = (await self._before_after(job_id, job, parent, version, metric,
+                                                            own)).to_dict()  # fmt: skip
         return results, version
+
+    async def _before_after(
+        self, job_id: str, job: pb.CompressionJob, parent: registry_pb2.ModelVersion,
+        version: str, metric: str, own: tuple[float, float],
+    ) -> ev.BeforeAfter:  # fmt: skip
+        """The evaluation service's figures for parent and child, else the job's own."""
+        if self.evaluations is None:
+            return ev.BeforeAfter(metric, *own, f"{ev.FALLBACK}: no evaluation service client")
+        dataset_version = job.recipe.evaluation_dataset_version or parent.source.dataset_version
+        split = job.recipe.evaluation_split or common_pb2.DATASET_SPLIT_TEST
+        return await self.evaluations.before_after(
+            parent.name, version, dataset_version, split, metric, job_id, own
+        )
+
+    async def _check_in_triton(self, chosen: rc.Outcome, evaluation: rc.EvalData) -> str:
+        """The report line of the Triton check; a refusal marks the step FAILED."""
+        if self.triton_check is None:
+            return tc.SKIPPED
+        assert chosen.onnx_path is not None
+        verdict = await self.triton_check(chosen.onnx_path, evaluation.sample(TRITON_SAMPLE_ROWS))
+        if not verdict.accepted:
+            chosen.status, chosen.reason = rc.FAILED, f"Triton refused the model: {verdict.message}"
+            return f"failed: {verdict.message}"
+        return f"passed ({verdict.message})"
 
     @staticmethod
     def _fastest(

@@ -156,6 +156,11 @@ def job_to_proto(row: m.CompressionJob, policy_name: str = "") -> pb.Compression
     for report in results.get("steps", []):
         json_format.ParseDict(report, message.step_reports.add(), ignore_unknown_fields=True)
     message.chosen_step = results.get("chosen_step", "")
+    message.triton_check = results.get("triton_check", "")
+    if results.get("before_after"):
+        json_format.ParseDict(
+            results["before_after"], message.before_after, ignore_unknown_fields=True
+        )
     return message
 
 

@@ -3,6 +3,9 @@
 - :class:`JobWorker` pulls ``aimassjobs.compression`` one job at a time,
   heartbeats while it runs, acks when the job is in an end state (naks when a
   service it needs is unavailable, so the job comes back later).
+- :func:`main` (``aimass worker compression``): a process that only consumes
+  the work queue, beside the service (which consumes it too), so heavy jobs
+  can run on other machines; the same :class:`Runner` as the service.
 - :class:`PolicyTrigger` follows ``aimass.registry.version.created``: for a
   version that was not itself derived (compressed, distilled), every enabled
   policy of its model whose filter matches starts a job, in the same
@@ -12,22 +15,29 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aimass.compression import store as st
 from aimass.compression.api import create_job
+from aimass.compression.evaluations import Evaluations
 from aimass.compression.runner import Runner
 from aimass.compression.sources import Sources
+from aimass.compression.triton_check import triton_checker
 from aimass.compression.v1 import compression_pb2 as pb
 from aimass.core.db import models as m
 from aimass.core.db.engine import Database
 from aimass.core.errors import AimassError, Unavailable
 from aimass.core.events import Envelope, EventBus, IdempotentHandler, unpack
+from aimass.core.logging import configure_logging
+from aimass.core.service import ServiceContext, close_context
+from aimass.core.settings import Settings, load_settings
 from aimass.events.v1 import events_pb2
 from aimass.registry.v1 import registry_pb2
 
@@ -145,3 +155,54 @@ class PolicyTrigger:
                 f"policy-{policy.id}-{envelope.id}"[:64], policy, session=session,
             )  # fmt: skip
             policy.config = {**policy.config, "last_job": message.name}
+
+
+async def open_runner(ctx: ServiceContext) -> tuple[Runner, Sources]:
+    """The job runner over the context's database, artifacts, channels and configured Triton."""
+    home = ctx.settings.home
+    sources = Sources(ctx.channels(), home / "cache" / "compression" / "models")
+    checker = triton_checker()
+    if checker is not None:
+        ctx.on_close(checker.close)
+    runner = Runner(
+        ctx.database(), await ctx.artifacts(), sources, ctx.notify_outbox,
+        home / "work" / "compression", checker.check if checker is not None else None,
+        Evaluations(ctx.channels()),
+    )  # fmt: skip
+    return runner, sources
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="aimass worker compression", description="Pull compression jobs until SIGTERM."
+    )
+    parser.add_argument("--ack-wait", type=float, default=60.0, help="seconds before redelivery")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace, settings: Settings, stop: asyncio.Event) -> None:
+    """Consumes the compression queue until ``stop`` is set, then closes everything."""
+    ctx = ServiceContext(name="compression-worker", settings=settings)
+    try:
+        runner, _ = await open_runner(ctx)
+        worker = JobWorker(await ctx.event_bus(), runner, ack_wait_s=args.ack_wait)
+        await worker.start()
+        ctx.on_close(worker.stop)
+        await stop.wait()
+    finally:
+        await close_context(ctx)
+
+
+async def _serve_until_signal(args: argparse.Namespace, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(args, settings, stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = load_settings()
+    configure_logging("compression-worker", settings.log_level, settings.log_format)
+    asyncio.run(_serve_until_signal(args, settings))

@@ -6,7 +6,8 @@ ModelInferRequest as bytes in, ModelInferResponse bytes out), so the router
 treats them alike.
 
 - :class:`TritonBackend`: model control (load, unload, repository index,
-  ServerLive/ServerReady) through tritonclient's gRPC aio client, and
+  ServerLive/ServerReady) from :class:`aimass.core.triton.control.TritonControl`
+  (tritonclient's gRPC aio client, shared with compression's Triton check), and
   inference through a raw ``ModelInfer`` call on one pooled channel per server,
   passing the request bytes through without parsing them.
 - :class:`InProcessBackend`: ONNX Runtime sessions in this process, for
@@ -24,8 +25,9 @@ import grpc
 
 from aimass.common.v1 import common_pb2
 from aimass.core.errors import AimassError, FailedPrecondition, NotFound
-from aimass.routing.pybackend import OnnxBatchRunner
-from aimass.routing.repository import (
+from aimass.core.triton.control import TritonControl
+from aimass.core.triton.pybackend import OnnxBatchRunner
+from aimass.core.triton.repository import (
     TRITON_VERSION,
     Backend,
     ModelRepository,
@@ -60,8 +62,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-class TritonBackend:
-    """One Triton server: model control through tritonclient, inference as raw bytes."""
+class TritonBackend(TritonControl):
+    """One Triton server: model control (shared, :class:`TritonControl`), inference as bytes."""
 
     def __init__(
         self,
@@ -70,11 +72,7 @@ class TritonBackend:
         max_message_bytes: int,
         channels: int = CHANNELS,
     ) -> None:
-        import tritonclient.grpc.aio as triton_aio
-
-        self.address = address
-        self.repository = repository
-        self.control = triton_aio.InferenceServerClient(address)
+        super().__init__(address, repository)
         # Several connections, not one: a local subchannel pool per channel keeps
         # gRPC from folding them onto one shared HTTP/2 connection.
         self.channels = [
@@ -91,71 +89,9 @@ class TritonBackend:
         self._next = 0
 
     async def close(self) -> None:
-        await self.control.close()
+        await super().close()
         for channel in self.channels:
             await channel.close()
-
-    async def check(self, timeout_s: float) -> tuple[str, str]:
-        """("READY" | "NOT_READY" | "UNREACHABLE", reason) from ServerLive and ServerReady."""
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            live = await self.control.is_server_live(client_timeout=timeout_s)
-            ready = live and await self.control.is_server_ready(client_timeout=timeout_s)
-        except InferenceServerException as err:
-            return "UNREACHABLE", f"{self.address}: {err.message()}"
-        if not live:
-            return "UNREACHABLE", f"{self.address}: ServerLive is false"
-        if not ready:
-            return "NOT_READY", f"{self.address}: ServerReady is false"
-        return "READY", ""
-
-    async def load(
-        self,
-        name: str,
-        model_file: Path,
-        signature: Signature,
-        options: ServingOptions,
-        marker: dict[str, Any],
-    ) -> int:
-        """Writes the repository entry and loads it; a refusal becomes FAILED_PRECONDITION."""
-        from tritonclient.utils import InferenceServerException
-
-        if self.repository is None:
-            raise FailedPrecondition(
-                f"{self.address}: the server has no local model repository aimass can write to"
-            )
-        size = await asyncio.to_thread(
-            self.repository.write, name, model_file, signature, options, marker
-        )
-        try:
-            await self.control.load_model(name)
-        except InferenceServerException as err:
-            raise FailedPrecondition(
-                f"Triton at {self.address} refused to load {name}: {err.message()}"
-            ) from err
-        return size
-
-    async def unload(self, name: str) -> None:
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            await self.control.unload_model(name)
-        except InferenceServerException as err:
-            if "not found" not in (err.message() or ""):
-                raise FailedPrecondition(
-                    f"Triton at {self.address} refused to unload {name}: {err.message()}"
-                ) from err
-        if self.repository is not None:
-            await asyncio.to_thread(self.repository.remove, name)
-
-    async def index(self) -> dict[str, str]:
-        """Triton's repository index: model name -> state ("READY", "UNAVAILABLE", ...)."""
-        index = await self.control.get_model_repository_index(as_json=True)
-        return {m["name"]: m.get("state", "") for m in index.get("models", [])}
-
-    def managed(self) -> dict[str, dict[str, Any]]:
-        return self.repository.managed() if self.repository is not None else {}
 
     async def call(
         self,

@@ -153,12 +153,21 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path, nats_url: str) -> AsyncIterator[Env]:
+    async with open_env(tmp_path, nats_url) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def open_env(
+    tmp_path: Path, nats_url: str, extra: tuple[str, ...] = ()
+) -> AsyncIterator[Env]:
+    """The stack of :class:`Env`; compression reads its Triton from the environment now."""
     db_url = f"sqlite:///{tmp_path / 'aimass.db'}"
     upgrade(db_url)
     root = tmp_path / "data"
     root.mkdir()
     settings = stack_settings(tmp_path / "home", db_url, nats_url, data_roots=[root])
-    async with serve_stack(settings, ["data", "registry", "compression"]) as stack:
+    async with serve_stack(settings, ["data", "registry", *extra, "compression"]) as stack:
         yield Env(
             stack, root,
             data_pb2_grpc.DataServiceStub(stack.channel("data")),

@@ -99,6 +99,7 @@ async def test_watch_streams_one_event_per_step_and_cancel_of_finished_is_a_no_o
     done = await env.compression.CancelCompressionJob(pb.CancelCompressionJobRequest(name=job.name))
     assert done.status.state == common_pb2.JOB_STATE_SUCCEEDED
     assert done.chosen_step == "int8-dynamic"  # smallest file of the two
+    assert done.triton_check == "skipped (no Triton configured)"
     listed = await env.compression.ListCompressionJobs(
         pb.ListCompressionJobsRequest(filter=f'parent_version = "{parent.name}"')
     )

@@ -1,6 +1,6 @@
-"""Real components for the routing tests: a Triton server of the nvidia-pytriton wheel,
-NATS, a migrated SQLite database, the registry and the routing service, shared by the
-tests of a module (starting Triton costs seconds), and small ONNX models made here."""
+"""Real components for the routing tests: a Triton server of the nvidia-pytriton wheel
+(tests/fixtures/triton.py, shared with compression), NATS, a migrated SQLite database, the
+registry and the routing service, shared by the tests of a module, and small ONNX models."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import asyncio
 import functools
 import hashlib
 import io
-import os
 import shutil
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -26,7 +22,6 @@ from aimass.common.v1 import common_pb2
 from aimass.core.db.migrate import upgrade
 from aimass.core.service import start_service
 from aimass.core.settings import Settings
-from aimass.core.triton_setup import pytriton_root
 from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
 from aimass.routing.config import RoutingConfig
 from aimass.routing.main import build
@@ -35,6 +30,9 @@ from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.v1 import routing_pb2_grpc
 from tests.fixtures.nats import NatsServer
 from tests.fixtures.stack import free_port, serve_service, stack_settings
+from tests.fixtures.triton import TritonProcess, triton
+
+__all__ = ["TritonProcess", "triton"]
 
 IN_FEATURES = 8
 CLASSES = 3
@@ -72,86 +70,6 @@ def reference(model: object, batch: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.from_numpy(batch)).numpy()  # type: ignore[operator]
-
-
-class TritonProcess:
-    """tritonserver of the nvidia-pytriton wheel in explicit model-control mode."""
-
-    def __init__(self, repository: Path, log: Path) -> None:
-        self.repository = repository
-        self.log = log
-        self.grpc_port = free_port()
-        self.http_port = free_port()
-        self.metrics_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self) -> None:
-        root = pytriton_root()
-        assert root is not None
-        self.repository.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-        self.process = subprocess.Popen(
-            [
-                str(root / "bin" / "tritonserver"),
-                f"--model-repository={self.repository}",
-                f"--backend-directory={root / 'backends'}",
-                "--model-control-mode=explicit",
-                # Strict readiness reports the server unready while any model loads.
-                "--strict-readiness=false",
-                f"--grpc-port={self.grpc_port}",
-                f"--http-port={self.http_port}",
-                f"--metrics-port={self.metrics_port}",
-                "--log-verbose=0",
-            ],
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self._wait_live()
-
-    def _wait_live(self) -> None:
-        import tritonclient.grpc as triton_grpc
-
-        client = triton_grpc.InferenceServerClient(self.grpc_address)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Triton exited: {self.log.read_text()[-2000:]}")
-            try:
-                if client.is_server_live():
-                    return
-            except Exception:
-                time.sleep(0.1)
-        raise TimeoutError(f"Triton did not start: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
-    if pytriton_root() is None:
-        pytest.skip("the nvidia-pytriton wheel (tritonserver) is not installed")
-    base = tmp_path_factory.mktemp("triton")
-    server = TritonProcess(base / "models", base / "triton.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @dataclass

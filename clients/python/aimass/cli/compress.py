@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
+from aimass.cli.train import worker_app
 from aimass.compression.v1 import compression_pb2 as pb
 from aimass.compression.v1 import compression_pb2_grpc
 from aimass.core.settings import SettingsError, load_settings
@@ -142,6 +143,15 @@ def _print(job: pb.CompressionJob, as_json: bool) -> None:
         )
         return
     console.print(report_table(job))
+    if job.triton_check:
+        console.print(f"triton check: {job.triton_check}", highlight=False)
+    ba = job.before_after
+    if ba.metric:
+        console.print(
+            f"{ba.metric}: {ba.before:.4f} -> {ba.after:.4f} ({(ba.after - ba.before) * 100:+.2f}"
+            f" pt), from the {ba.source}",
+            highlight=False,
+        )
     state = job.status.state
     if job.status.reason:
         console.print(f"{'reason' if state != 3 else 'note'}: {job.status.reason}", highlight=False)
@@ -221,3 +231,13 @@ def list_command(
         state = job.status.state
         table.add_row(job.name, str(state), job.parent_version, job.chosen_step, job.model_version)
     console.print(table)
+
+
+@worker_app.command(
+    "compression", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def compression_worker(ctx: typer.Context) -> None:
+    """Pull compression jobs until SIGTERM, beside the service (option: --ack-wait)."""
+    from aimass.compression.worker import main
+
+    main(list(ctx.args))

@@ -5,7 +5,7 @@ this file first puts the folders named by the model configuration's
 ``aimass_site_packages`` parameter (or the AIMASS_SITE_PACKAGES variable) on
 ``sys.path`` with ``site.addsitedir`` (which also runs their ``.pth`` files,
 so editable installs resolve), then hands everything to
-:class:`aimass.routing.pybackend.OnnxBatchRunner`, which tests import without
+:class:`aimass.core.triton.pybackend.OnnxBatchRunner`, which tests import without
 Triton. Nothing from aimass is imported at module level: the path is not set yet.
 """
 
@@ -38,7 +38,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         _add_site_packages(config)
-        from aimass.routing.pybackend import OnnxBatchRunner
+        from aimass.core.triton.pybackend import OnnxBatchRunner
 
         threads = int(_parameter(config, THREADS_PARAMETER) or "1")
         model_dir = os.path.join(args["model_repository"], args["model_version"])

@@ -1,0 +1,110 @@
+"""The Triton check before registration, against the real Triton of the nvidia-pytriton wheel:
+a model Triton accepts (loaded under a temporary name, one inference equal to ONNX Runtime's,
+unloaded, its entry removed), models Triton refuses (the step fails with Triton's message and
+nothing is registered), and the report line when no Triton is configured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from aimass.common.v1 import common_pb2
+from aimass.compression.triton_check import TritonChecker, triton_checker
+from aimass.compression.v1 import compression_pb2 as pb
+from aimass.core.triton.control import TritonTarget
+from aimass.core.triton.repository import Backend
+from aimass.registry.v1 import registry_pb2
+from tests.compression.conftest import MLP, digits, open_env
+from tests.fixtures.triton import TritonProcess, triton
+
+__all__ = ["triton"]
+
+
+def relu_model(path: Path, shape: list[int]) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def entries(server: TritonProcess) -> list[str]:
+    return sorted(p.name for p in server.repository.iterdir()) if server.repository.exists() else []
+
+
+async def test_checker_loads_infers_compares_and_cleans_up(triton: TritonProcess, tmp_path):
+    target = TritonTarget(triton.grpc_address, triton.repository, Backend.PYTHON)
+    checker = TritonChecker(target)
+    try:
+        good = relu_model(tmp_path / "good.onnx", [-1, 4])
+        sample = {"x": np.array([[-1, 0, 2, 3], [4, -5, 6, 7]], np.float32)}
+        verdict = await checker.check(good, sample)
+        assert verdict.accepted, verdict.message
+        assert "answered within 0 of ONNX Runtime" in verdict.message
+        # A scalar input runs in ONNX Runtime, but Triton's model config needs dims.
+        scalar = relu_model(tmp_path / "scalar.onnx", [])
+        refused = await checker.check(scalar, {"x": np.array(1.0, np.float32)})
+        assert not refused.accepted
+        assert "refused to load" in refused.message
+        assert "model input must specify 'dims'" in refused.message
+    finally:
+        await checker.close()
+    assert entries(triton) == []  # both temporary entries removed
+    index = await target.control().index()
+    assert not [name for name, state in index.items() if state == "READY"]
+
+
+def test_the_checker_follows_the_environment(tmp_path):
+    assert triton_checker({}) is None
+    routing = {
+        "AIMASS_ROUTING_TRITON_GRPC": "127.0.0.1:1",
+        "AIMASS_ROUTING_TRITON_REPOSITORY": "/r",
+    }
+    checker = triton_checker(routing)
+    assert checker is not None
+    assert checker.target.grpc_address == "127.0.0.1:1"
+    own = {**routing, "AIMASS_COMPRESSION_TRITON_GRPC": "127.0.0.1:2"}
+    checker = triton_checker(own)
+    assert checker is not None
+    assert checker.target.grpc_address == "127.0.0.1:2"
+    assert checker.target.repository is None
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+async def test_job_registers_only_what_triton_accepts(
+    backend: str, triton: TritonProcess, tmp_path, nats_url, monkeypatch
+) -> None:
+    # "onnxruntime" entries ask for a backend this Triton does not have: Triton refuses them.
+    monkeypatch.setenv("AIMASS_COMPRESSION_TRITON_GRPC", triton.grpc_address)
+    monkeypatch.setenv("AIMASS_COMPRESSION_TRITON_REPOSITORY", str(triton.repository))
+    monkeypatch.setenv("AIMASS_COMPRESSION_TRITON_BACKEND", backend)
+    async with open_env(tmp_path, nats_url) as env:
+        dataset = await digits(env)
+        parent = await env.train_and_register("digits-mlp", dataset, MLP, epochs=2, tmp=tmp_path)
+        recipe = pb.Recipe(steps=[pb.CompressionStep(quantize_dynamic=pb.QuantizeDynamic())])
+        job = await env.run_job(parent.name, recipe)
+        versions = await env.registry.ListModelVersions(
+            registry_pb2.ListModelVersionsRequest(parent="models/digits-mlp")
+        )
+    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.reason
+    assert entries(triton) == []
+    (report,) = job.step_reports
+    if backend == "python":
+        assert job.triton_check.startswith("passed (Triton at"), job.triton_check
+        assert job.chosen_step == "int8-dynamic"
+        assert job.model_version
+        assert len(versions.model_versions) == 2
+    else:
+        assert job.triton_check.startswith("failed: Triton at"), job.triton_check
+        assert "onnxruntime" in job.triton_check  # Triton's own message names the backend
+        assert report.status == pb.STEP_STATUS_FAILED
+        assert report.reason.startswith("Triton refused the model: ")
+        assert job.chosen_step == ""
+        assert job.model_version == ""
+        assert [v.name for v in versions.model_versions] == [parent.name]
