@@ -64,6 +64,7 @@ bench: $(INSTALL_STAMP)
 		echo "== $$name"; \
 		$(PY) $$script --out docs/benchmarks/$$name.md $(BENCH_ARGS); \
 	done
+	$(PY) tests/bench/report.py
 
 buf-lint: $(BUF)
 	$(BUF) lint
