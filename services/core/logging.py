@@ -20,8 +20,12 @@ _SECRET_PATTERNS = [
     re.compile(
         r"(?i)(authorization|api[-_]?key|x-api-key|secret|password|token)([\"']?\s*[:=]\s*[\"']?)([^\s\"',}]+)"
     ),
-    re.compile(r"\baim_[A-Za-z0-9_\-]{8,}"),
+    re.compile(r"\baim(?:ass)?_[A-Za-z0-9_\-]{8,}"),
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._\-]+"),
+    # A JWT anywhere (header.claims.signature, base64url; every JWT header starts "eyJ").
+    re.compile(r"\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*"),
+    # The password of a URL (postgresql://user:password@host/db).
+    re.compile(r"(://[^:/@\s]+:)([^@\s]+)@"),
 ]
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -29,8 +33,10 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 def redact(text: str) -> str:
     """Masks credential-looking values (API keys, bearer tokens, passwords)."""
     text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-    text = _SECRET_PATTERNS[1].sub("aim_***", text)
-    return _SECRET_PATTERNS[2].sub("Bearer ***", text)
+    text = _SECRET_PATTERNS[1].sub("aimass_***", text)
+    text = _SECRET_PATTERNS[2].sub("Bearer ***", text)
+    text = _SECRET_PATTERNS[3].sub("jwt-***", text)
+    return _SECRET_PATTERNS[4].sub(lambda m: f"{m.group(1)}***@", text)
 
 
 def _trace_fields() -> dict[str, str]:

@@ -4,23 +4,33 @@ Create checks the request (dataset version READY through the data service,
 config ranges, the spec built against the dataset), then stores the job and
 its work-queue message in one transaction (outbox), so a job is never stored
 without being queued nor queued without being stored. Watch and the logs read
-the job's events from the database, where the workers write them.
+the job's events from the database.
+
+The internal methods (Claim, ReportProgress, Complete, RegisterWorker) are how
+workers write: the service is the single writer of its tables, and a worker
+needs no database. Checkpoints that fall out of ``keep_checkpoints`` are
+deleted from the artifact store here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
 from aimass.common.v1 import common_pb2
-from aimass.core.errors import InvalidArgument
+from aimass.core.artifacts import ArtifactStore
+from aimass.core.errors import AimassError, InvalidArgument, NotFound
 from aimass.training import search, validation
-from aimass.training.store import TERMINAL, TrainingStore, job_id
+from aimass.training.store import TERMINAL, TrainingStore, job_id, struct_to_dict
 from aimass.training.v1 import training_pb2 as tpb
 from aimass.training.v1 import training_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 WATCH_POLL_S = 0.2
 MAX_REQUEST_ID = 64
@@ -64,10 +74,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         store: TrainingStore,
         data_channel: Callable[[], grpc.aio.Channel],
         notify_outbox: Callable[[], None],
+        artifacts: Callable[[], Awaitable[ArtifactStore]] | None = None,
     ) -> None:
         self.store = store
         self.data_channel = data_channel
         self.notify_outbox = notify_outbox
+        self.artifacts = artifacts
 
     async def CreateTrainingJob(
         self, request: tpb.CreateTrainingJobRequest, context: grpc.aio.ServicerContext
@@ -192,6 +204,157 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             self.store.list_workers, request.page_size, request.page_token
         )
         return tpb.ListWorkersResponse(workers=workers, next_page_token=token)
+
+    # -- internal: the workers' side ---------------------------------------------------------
+
+    async def ClaimTrainingJob(
+        self, request: tpb.ClaimTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.TrainingJob:
+        job_id(request.name)
+        worker = _worker_id(request.worker)
+        if request.host_rank < 0:
+            raise InvalidArgument("host_rank", "must be >= 0")
+        job = await asyncio.to_thread(
+            self.store.claim,
+            request.name,
+            worker,
+            request.host_rank,
+            request.rendezvous_address,
+            request.attempt,
+        )
+        self.notify_outbox()
+        return job
+
+    async def ReportTrainingJobProgress(
+        self, request: tpb.ReportTrainingJobProgressRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.ReportTrainingJobProgressResponse:
+        job_id(request.name)
+        records = [_record(index, r) for index, r in enumerate(request.records)]
+        cancel, dropped = await asyncio.to_thread(
+            self.store.report, request.name, request.attempt, records
+        )
+        if dropped:
+            await self._delete_checkpoints(dropped)
+        return tpb.ReportTrainingJobProgressResponse(cancel_requested=cancel)
+
+    async def _delete_checkpoints(self, uris: list[str]) -> None:
+        """Superseded checkpoints leave the artifact store (those no job lists any more)."""
+        if self.artifacts is None:
+            return
+        in_use = await asyncio.to_thread(self.store.checkpoints_in_use, uris)
+        store = await self.artifacts()
+        for uri in uris:
+            if uri in in_use:
+                continue
+            try:
+                await store.delete(uri)
+            except NotFound:
+                pass  # already gone: a retried report
+            except AimassError as err:
+                log.warning("superseded checkpoint %s not deleted: %s", uri, err)
+
+    async def CompleteTrainingJob(
+        self, request: tpb.CompleteTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.CompleteTrainingJobResponse:
+        job_id(request.name)
+        state = common_pb2.JobState.Name(request.state).removeprefix("JOB_STATE_")
+        if state not in TERMINAL:
+            raise InvalidArgument("state", f"must be SUCCEEDED, FAILED or CANCELLED, got {state}")
+        outputs = struct_to_dict(request.outputs) if request.HasField("outputs") else None
+        job = await asyncio.to_thread(
+            self.store.finish,
+            request.name,
+            state,
+            reason=request.reason,
+            metrics=dict(request.metrics) if request.metrics or state == "SUCCEEDED" else None,
+            model_version=request.model_version,
+            outputs=outputs,
+            attempt=request.attempt,
+            best_trial=request.best_trial,
+            trials_completed=request.trials_completed,
+        )
+        self.notify_outbox()
+        response = tpb.CompleteTrainingJobResponse(training_job=job)
+        outcome = await asyncio.to_thread(self.store.search_outcome, request.name)
+        if outcome is not None:
+            response.search_parent.CopyFrom(outcome["parent"])
+            for trial in outcome["trials"]:
+                out = response.trials.add(
+                    name=trial["name"],
+                    state=common_pb2.JobState.Value(f"JOB_STATE_{trial['state']}"),
+                    metrics=trial["metrics"],
+                )
+                if trial["outputs"]:
+                    out.outputs.update(trial["outputs"])
+                out.parameters.update(trial["parameters"])
+        return response
+
+    async def RegisterWorker(
+        self, request: tpb.RegisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.Worker:
+        worker = _worker_id(request.name, "name")
+        state = tpb.WorkerState.Name(request.state).removeprefix("WORKER_STATE_")
+        if state == "UNSPECIFIED":
+            state = "IDLE"
+        if request.current_job:
+            job_id(request.current_job, "current_job")
+        return await asyncio.to_thread(
+            self.store.register_worker,
+            worker,
+            request.host,
+            request.pid,
+            struct_to_dict(request.capabilities),
+            "GONE" if state == "LOST" else state,
+            request.current_job,
+        )
+
+
+def _worker_id(name: str, field: str = "worker") -> str:
+    if not name.startswith("workers/") or not name[len("workers/") :]:
+        raise InvalidArgument(field, f"must look like 'workers/{{worker}}', got {name!r}")
+    return name[len("workers/") :]
+
+
+def _record(index: int, record: tpb.ProgressRecord) -> tuple[str, dict[str, Any]]:
+    """A progress record as the (kind, payload) of a job event."""
+    kind = record.WhichOneof("record")
+    if kind == "metrics":
+        m = record.metrics
+        payload: dict[str, Any] = {
+            "step": m.step,
+            "epoch": m.epoch,
+            "metrics": dict(m.metrics),
+            "completed": m.step,
+            "total": m.total_steps,
+        }
+        return "metrics", payload
+    if kind == "log_entry":
+        e = record.log_entry
+        stream = tpb.LogStream.Name(e.stream).removeprefix("LOG_STREAM_").lower()
+        return "log", {
+            "attempt": e.attempt,
+            "rank": e.rank,
+            "worker": e.worker,
+            "stream": "system" if stream == "unspecified" else stream,
+            "message": e.message,
+        }
+    if kind == "checkpoint":
+        c = record.checkpoint
+        if not c.artifact.uri:
+            raise InvalidArgument(f"records[{index}].checkpoint.artifact.uri", "is required")
+        artifact = {
+            "uri": c.artifact.uri,
+            "sha256": c.artifact.sha256,
+            "size_bytes": c.artifact.size_bytes,
+            "file_name": c.artifact.file_name,
+        }
+        return "checkpoint", {
+            "step": c.step,
+            "epoch": c.epoch,
+            "artifact": artifact,
+            "metrics": dict(c.metrics),
+        }
+    raise InvalidArgument(f"records[{index}]", "is empty")
 
 
 def _principal(context: grpc.aio.ServicerContext) -> str:

@@ -8,11 +8,16 @@ DistributedDataParallel. Ranks report through a queue to this thread, which
 forwards to the job's hooks (only rank 0 reports metrics and checkpoints) and
 relays cancellation through an event. A rank that fails or dies ends the run
 with the failure of the first rank that reported one.
+
+Across several hosts (``resources.hosts``), each host's worker runs its share of
+the ranks here with ``first_rank`` and the rendezvous address host 0 published
+through the training service (see :mod:`aimass.training.worker`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -24,6 +29,8 @@ from typing import Any
 from aimass.training.trainer import Hooks, SplitSource, TrainingFailed, TrainPlan, TrainResult
 
 POLL_S = 0.2
+# A rank that waits longer than this on a collective (a peer host gone) fails the run.
+COLLECTIVE_TIMEOUT_S = 300
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,6 +70,7 @@ def _rank_main(
     out: Any,
     acks: Any,
     stop: Any,
+    reporting_rank: int = 0,
 ) -> None:
     import torch.distributed as dist
 
@@ -70,12 +78,18 @@ def _rank_main(
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, plan.threads)))
     try:
-        dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+        dist.init_process_group(
+            "gloo",
+            init_method=address,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
         try:
             result = Trainer(plan, source, _QueueHooks(rank, out, acks, stop), rank, world).run()
         finally:
             dist.destroy_process_group()
-        if rank == 0:
+        if rank == reporting_rank:
             out.put(("result", rank, result))
     except BaseException as err:
         detail = str(err) if isinstance(err, TrainingFailed) else repr(err)
@@ -83,20 +97,35 @@ def _rank_main(
         raise SystemExit(1) from None
 
 
-def run_distributed(plan: TrainPlan, source: SplitSource, hooks: Hooks, world: int) -> TrainResult:
-    """Runs ``world`` ranks of the plan and returns rank 0's result; TrainingFailed on failure."""
+def run_distributed(
+    plan: TrainPlan,
+    source: SplitSource,
+    hooks: Hooks,
+    world: int,
+    *,
+    local: int = 0,
+    first_rank: int = 0,
+    address: str = "",
+) -> TrainResult:
+    """Runs ranks of the plan here and returns the first one's result; TrainingFailed on failure.
+
+    One host: ``world`` ranks, all here, meeting on a free loopback port. Several hosts:
+    ``local`` ranks here (``first_rank``, ...) of ``world`` in all, meeting at ``address``
+    (host 0's rank 0); only global rank 0 reports metrics and checkpoints.
+    """
     ctx = mp.get_context("spawn")
     out, acks, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    address = f"tcp://127.0.0.1:{free_port()}"
-    per_rank = TrainPlan(**{**plan.__dict__, "threads": max(1, plan.threads // world or 1)})
+    local = local or world
+    address = address or f"tcp://127.0.0.1:{free_port()}"
+    per_rank = TrainPlan(**{**plan.__dict__, "threads": max(1, plan.threads // local or 1)})
     processes = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world, address, per_rank, source, out, acks, stop),
+            args=(rank, world, address, per_rank, source, out, acks, stop, first_rank),
             name=f"{plan.job}-rank{rank}",
             daemon=True,
         )
-        for rank in range(world)
+        for rank in range(first_rank, first_rank + local)
     ]
     for process in processes:
         process.start()

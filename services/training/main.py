@@ -22,7 +22,10 @@ async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
     # Opened for its outbox relay: jobs are enqueued and events published through it.
     await ctx.event_bus()
     servicer = TrainingServicer(
-        store, data_channel=lambda: ctx.channels().get("data"), notify_outbox=ctx.notify_outbox
+        store,
+        data_channel=lambda: ctx.channels().get("data"),
+        notify_outbox=ctx.notify_outbox,
+        artifacts=ctx.artifacts,
     )
     return [
         GrpcService(

@@ -1,8 +1,9 @@
 """The training service's tables (training_jobs, job_events, workers) behind one store.
 
-Both the service (API) and the workers use it: a worker reports state,
-metrics, logs and checkpoints straight into the shared database (workers
-need the database URL, as services do). Every state change writes its job
+Only the training service opens it: workers report state, metrics, logs
+and checkpoints through the service's internal RPCs (ClaimTrainingJob,
+ReportTrainingJobProgress, CompleteTrainingJob, RegisterWorker) and never
+see the database. Every state change writes its job
 event and, where one is due, its outbox event in the same transaction:
 enqueueing a job (``aimassjobs.training``) and ``aimass.training.job.*``.
 ORM rows never leave the store: callers get ``TrainingJob`` protos.
@@ -16,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
-from sqlalchemy import func, select
+from sqlalchemy import String, cast, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,7 +26,7 @@ from aimass.core.db.base import utcnow
 from aimass.core.db.engine import Database
 from aimass.core.db.models import JobEvent, TrainingJob, Worker
 from aimass.core.db.pagination import paginate
-from aimass.core.errors import InvalidArgument, NotFound
+from aimass.core.errors import Aborted, InvalidArgument, NotFound
 from aimass.core.events import add_event
 from aimass.core.protodict import message_from_dict, message_to_dict
 from aimass.events.v1 import events_pb2
@@ -34,6 +35,7 @@ from aimass.training.v1 import training_pb2 as tpb
 SOURCE = "training"
 JOB_TOPIC = "aimassjobs.training"
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+DEFAULT_KEEP_CHECKPOINTS = 3
 PREFIX = "trainingJobs/"
 _FILTER_COLUMNS = {
     "state": TrainingJob.state,
@@ -99,6 +101,9 @@ class TrainingStore:
             )
         if row.worker:
             job.workers.append(f"workers/{row.worker}")
+        rendezvous = options.get("rendezvous") or {}
+        if row.state == "RUNNING" and rendezvous.get("attempt") == row.attempt:
+            job.rendezvous_address = rendezvous.get("address", "")
         for key, value in sorted((row.metrics or {}).items()):
             job.final_metrics.add(name=key, value=float(value), source="training")
         if row.parent_id is not None:
@@ -173,19 +178,6 @@ class TrainingStore:
                 if attempt == 4:
                     raise
         return None
-
-    def append_events(self, name: str, events: Iterable[tuple[str, dict]]) -> None:
-        """Metrics, log lines, checkpoints of a running job, in order."""
-        items = list(events)
-
-        def work(session: Session) -> None:
-            row = self._row(session, name)
-            for kind, payload in items:
-                self._add_event(session, row, kind, payload)
-                if kind == "metrics" and "completed" in payload:
-                    row.options = {**(row.options or {}), "completed": payload["completed"]}
-
-        self._retrying(work)
 
     def events(self, name: str, after: int, limit: int = 500) -> list[JobEvent]:
         """Events of a job after ``after``, as detached rows (kind, sequence, payload, time)."""
@@ -274,14 +266,29 @@ class TrainingStore:
         session.flush()
         if not job.HasField("hyperparameter_search"):
             self._add_event(session, row, "state", {"state": "QUEUED", "reason": "", "attempt": 0})
-            add_event(
-                session,
-                JOB_TOPIC,
-                events_pb2.JobStateChanged(job=PREFIX + row.name, state="QUEUED"),
-                subject=PREFIX + row.name,
-                source=SOURCE,
-            )
+            hosts = max(1, job.resources.hosts)
+            if hosts == 1:
+                add_event(
+                    session,
+                    JOB_TOPIC,
+                    events_pb2.JobStateChanged(job=PREFIX + row.name, state="QUEUED"),
+                    subject=PREFIX + row.name,
+                    source=SOURCE,
+                )
+            else:
+                self._enqueue_hosts(session, row, range(hosts), hosts, attempt=1)
         return row
+
+    @staticmethod
+    def _enqueue_hosts(
+        session: Session, row: TrainingJob, ranks: Iterable[int], hosts: int, attempt: int
+    ) -> None:
+        """One work-queue task per host of a job across several hosts, for one attempt."""
+        for rank in ranks:
+            task = tpb.TrainingHostTask(
+                job=PREFIX + row.name, host_rank=rank, hosts=hosts, attempt=attempt
+            )
+            add_event(session, JOB_TOPIC, task, subject=PREFIX + row.name, source=SOURCE)
 
     def get(self, name: str) -> tpb.TrainingJob:
         with self.db.session(read_only=True, resource=name) as session:
@@ -347,73 +354,129 @@ class TrainingStore:
             row.state, row.reason = "CANCELLING", "cancel requested"
         self._state_event(session, row)
 
-    # -- the worker's side ---------------------------------------------------------------------
+    # -- the worker's side (through the internal RPCs) ------------------------------------------
 
-    def begin_attempt(self, name: str, worker: str) -> tpb.TrainingJob | None:
-        """Marks the job RUNNING for this delivery; None when it must not run (ended, cancelled)."""
+    def claim(
+        self, name: str, worker: str, host_rank: int = 0, address: str = "", attempt: int = 0
+    ) -> tpb.TrainingJob:
+        """Marks the job RUNNING for a new attempt of ``worker``; returns it as it is now.
 
-        def work(session: Session) -> tpb.TrainingJob | None:
+        An ended job is returned unchanged and a CANCELLING one becomes CANCELLED: the
+        worker runs the job only when the state it gets back is RUNNING. Across several
+        hosts, host 0 starts the attempt (recording its rendezvous address, and queueing
+        the other hosts' tasks again when it is a retry); the other hosts only read it.
+        """
+        if host_rank > 0:
+            return self.get(name)
+
+        def work(session: Session) -> tpb.TrainingJob:
             row = self._row(session, name, lock=True)
             if row.state in TERMINAL:
-                return None
+                return self._to_proto(session, row)
             if row.state == "CANCELLING":
                 row.state, row.end_time, row.reason = "CANCELLED", utcnow(), "cancelled on request"
                 self._state_event(session, row)
-                return None
+                self._release_worker(session, row.worker)
+                return self._to_proto(session, row)
             row.state, row.reason = "RUNNING", ""
             row.attempt += 1
             row.worker = worker
             row.heartbeat_time = utcnow()
             row.start_time = row.start_time or utcnow()
             self._state_event(session, row)
+            self._set_worker(session, worker, "BUSY", PREFIX + row.name)
+            hosts = int((row.options or {}).get("resources", {}).get("hosts", 0) or 0)
+            if hosts > 1:
+                rendezvous = {"attempt": row.attempt, "address": address}
+                row.options = {**(row.options or {}), "rendezvous": rendezvous}
+                if row.attempt > 1:  # the other hosts' tasks of attempt 1 were used up
+                    self._enqueue_hosts(session, row, range(1, hosts), hosts, row.attempt)
             return self._to_proto(session, row)
 
         return self._retrying(work)
 
-    def checkpoint_uri(self, name: str) -> str:
-        with self.db.session(read_only=True) as session:
-            return self._row(session, name).checkpoint_uri
+    @staticmethod
+    def _check_attempt(row: TrainingJob, attempt: int) -> None:
+        # A worker presumed dead (its job redelivered) must not write over the new attempt.
+        if attempt and attempt != row.attempt:
+            raise Aborted(
+                f"{PREFIX}{row.name}: attempt {attempt} was superseded by attempt {row.attempt}"
+            )
 
-    def set_total_steps(self, name: str, total: int) -> None:
-        def work(session: Session) -> None:
-            row = self._row(session, name)
-            row.options = {**(row.options or {}), "total": total, "unit": "steps"}
+    def report(
+        self, name: str, attempt: int, records: list[tuple[str, dict]]
+    ) -> tuple[bool, list[str]]:
+        """Records metrics, log lines and checkpoints of a running attempt, in order.
 
-        self._retrying(work)
+        Also the attempt's heartbeat. Returns (cancel requested, checkpoint URIs that fell
+        out of ``training.keep_checkpoints`` and may be deleted from the artifact store).
+        """
 
-    def record_checkpoint(
-        self,
-        name: str,
-        step: int,
-        epoch: int,
-        artifact: dict[str, Any],
-        metrics: dict[str, float],
-        keep: int,
-    ) -> list[str]:
-        """Makes the checkpoint the one to resume from; returns URIs that fell out of ``keep``."""
-
-        def work(session: Session) -> list[str]:
-            row = self._row(session, name, lock=True)
-            row.checkpoint_uri = artifact["uri"]
-            entry = {"step": step, "epoch": epoch, "artifact": artifact, "metrics": metrics}
-            kept = [*(row.options or {}).get("checkpoints", []), entry]
-            dropped = [c["artifact"]["uri"] for c in kept[:-keep]]
-            row.options = {**(row.options or {}), "checkpoints": kept[-keep:], "completed": step}
-            self._add_event(session, row, "checkpoint", {"step": step, "epoch": epoch})
-            still_used = {c["artifact"]["uri"] for c in kept[-keep:]}
-            return [uri for uri in dropped if uri not in still_used]
-
-        return self._retrying(work)
-
-    def heartbeat(self, name: str) -> bool:
-        """Records a heartbeat; True when a cancel was asked for."""
-
-        def work(session: Session) -> bool:
-            row = self._row(session, name)
+        def work(session: Session) -> tuple[bool, list[str]]:
+            row = self._row(session, name, lock=any(k == "checkpoint" for k, _ in records))
+            self._check_attempt(row, attempt)
             row.heartbeat_time = utcnow()
-            return row.state == "CANCELLING"
+            dropped: list[str] = []
+            sequence = self._last_sequence(session, row)
+            for kind, payload in records:
+                if kind == "checkpoint":
+                    dropped += self._record_checkpoint(row, payload)
+                    payload = {"step": payload["step"], "epoch": payload["epoch"]}
+                elif kind == "metrics" and "completed" in payload:
+                    progress = {"completed": payload["completed"]}
+                    if payload.get("total"):
+                        progress["total"] = payload["total"]
+                    row.options = {**(row.options or {}), **progress}
+                sequence += 1
+                session.add(
+                    JobEvent(
+                        job=PREFIX + row.name,
+                        sequence=sequence,
+                        event_time=utcnow(),
+                        kind=kind,
+                        payload=payload,
+                    )
+                )
+            session.flush()
+            return row.state == "CANCELLING", dropped
 
         return self._retrying(work)
+
+    @staticmethod
+    def _last_sequence(session: Session, row: TrainingJob) -> int:
+        name = PREFIX + row.name
+        return session.scalar(select(func.max(JobEvent.sequence)).where(JobEvent.job == name)) or 0
+
+    @staticmethod
+    def _record_checkpoint(row: TrainingJob, entry: dict[str, Any]) -> list[str]:
+        """Makes the checkpoint the resume point; returns URIs that fell out of ``keep``."""
+        keep = int((row.config or {}).get("keep_checkpoints", 0) or 0) or DEFAULT_KEEP_CHECKPOINTS
+        row.checkpoint_uri = entry["artifact"]["uri"]
+        kept = [*(row.options or {}).get("checkpoints", []), entry]
+        row.options = {
+            **(row.options or {}),
+            "checkpoints": kept[-keep:],
+            "completed": entry["step"],
+        }
+        still_used = {c["artifact"]["uri"] for c in kept[-keep:]}
+        return [
+            c["artifact"]["uri"] for c in kept[:-keep] if c["artifact"]["uri"] not in still_used
+        ]
+
+    def checkpoints_in_use(self, uris: list[str]) -> set[str]:
+        """Those of ``uris`` still listed by some job (identical checkpoints share a URI)."""
+        if not uris:
+            return set()
+        with self.db.session(read_only=True) as session:
+            used = set()
+            for uri in uris:
+                stmt = select(TrainingJob.id).where(
+                    cast(TrainingJob.options, String).contains(uri)
+                    | (TrainingJob.checkpoint_uri == uri)
+                )
+                if session.scalars(stmt.limit(1)).first() is not None:
+                    used.add(uri)
+            return used
 
     def finish(
         self,
@@ -424,6 +487,9 @@ class TrainingStore:
         metrics: dict[str, float] | None = None,
         model_version: str = "",
         outputs: dict[str, Any] | None = None,
+        attempt: int = 0,
+        best_trial: str = "",
+        trials_completed: int = 0,
     ) -> tpb.TrainingJob:
         """Ends the job (SUCCEEDED, FAILED, CANCELLED) with its outbox event, once."""
 
@@ -431,6 +497,8 @@ class TrainingStore:
             row = self._row(session, name, lock=True)
             if row.state in TERMINAL:
                 return self._to_proto(session, row)
+            self._check_attempt(row, attempt)
+            self._release_worker(session, row.worker)
             row.state, row.reason, row.end_time = state, reason, utcnow()
             row.worker = ""
             if metrics is not None:
@@ -439,6 +507,12 @@ class TrainingStore:
                 row.result_version = model_version
             if outputs is not None:
                 row.options = {**(row.options or {}), "outputs": outputs}
+            if best_trial:
+                row.options = {
+                    **(row.options or {}),
+                    "best_trial": best_trial,
+                    "completed": trials_completed,
+                }
             self._state_event(session, row)
             self._outcome_event(session, row)
             return self._to_proto(session, row)
@@ -494,54 +568,59 @@ class TrainingStore:
                 ],
             }
 
-    def set_best_trial(self, parent: str, best: str, completed: int) -> None:
-        def work(session: Session) -> None:
-            row = self._row(session, parent)
-            row.options = {**(row.options or {}), "best_trial": best, "completed": completed}
-
-        self._retrying(work)
-
     # -- workers -----------------------------------------------------------------------------
 
-    def register_worker(self, name: str, host: str, pid: int, capabilities: dict) -> None:
-        def work(session: Session) -> None:
+    def register_worker(
+        self, name: str, host: str, pid: int, capabilities: dict, state: str, current_job: str
+    ) -> tpb.Worker:
+        """Registers the worker or records its state (IDLE, BUSY, GONE)."""
+
+        def work(session: Session) -> tpb.Worker:
             row = session.scalars(select(Worker).where(Worker.name == name)).one_or_none()
             if row is None:
-                row = Worker(name=name, kind="training")
+                row = Worker(name=name, kind="training", host=host, pid=pid, capabilities={})
                 session.add(row)
-            row.host, row.pid, row.capabilities = host, pid, capabilities
-            row.state, row.current_job, row.heartbeat_time = "IDLE", "", utcnow()
+            if host:
+                row.host, row.pid = host, pid
+            if capabilities:
+                row.capabilities = capabilities
+            row.state, row.current_job, row.heartbeat_time = state, current_job, utcnow()
+            session.flush()
+            return self._worker_proto(row)
 
-        self._retrying(work)
+        return self._retrying(work)
 
-    def worker_state(self, name: str, state: str, current_job: str = "") -> None:
-        def work(session: Session) -> None:
-            row = session.scalars(select(Worker).where(Worker.name == name)).one_or_none()
-            if row is not None:
-                row.state, row.current_job, row.heartbeat_time = state, current_job, utcnow()
+    @staticmethod
+    def _set_worker(session: Session, name: str, state: str, current_job: str) -> None:
+        row = session.scalars(select(Worker).where(Worker.name == name)).one_or_none()
+        if row is not None:
+            row.state, row.current_job, row.heartbeat_time = state, current_job, utcnow()
 
-        self._retrying(work)
+    def _release_worker(self, session: Session, name: str) -> None:
+        if name:
+            self._set_worker(session, name, "IDLE", "")
 
     def list_workers(self, page_size: int, page_token: str) -> tuple[list[tpb.Worker], str]:
         with self.db.session(read_only=True) as session:
             stmt = select(Worker).where(Worker.kind == "training")
             rows, token = paginate(session, stmt, [Worker.name], page_size, page_token)
-            workers = []
-            for row in rows:
-                worker = tpb.Worker(
-                    name=f"workers/{row.name}",
-                    host=row.host,
-                    state=tpb.WorkerState.Value(
-                        f"WORKER_STATE_{'LOST' if row.state == 'GONE' else row.state}"
-                    ),
-                    current_job=row.current_job,
-                    heartbeat_time=_ts(row.heartbeat_time),
-                    register_time=_ts(row.create_time),
-                    software_version=str((row.capabilities or {}).get("version", "")),
-                )
-                message_from_dict((row.capabilities or {}).get("resources", {}), worker.resources)
-                workers.append(worker)
-            return workers, token
+            return [self._worker_proto(row) for row in rows], token
+
+    @staticmethod
+    def _worker_proto(row: Worker) -> tpb.Worker:
+        worker = tpb.Worker(
+            name=f"workers/{row.name}",
+            host=row.host,
+            state=tpb.WorkerState.Value(
+                f"WORKER_STATE_{'LOST' if row.state == 'GONE' else row.state}"
+            ),
+            current_job=row.current_job,
+            heartbeat_time=_ts(row.heartbeat_time),
+            register_time=_ts(row.create_time),
+            software_version=str((row.capabilities or {}).get("version", "")),
+        )
+        message_from_dict((row.capabilities or {}).get("resources", {}), worker.resources)
+        return worker
 
 
 def parse_filter(text: str) -> list[tuple[str, str]]:
@@ -563,6 +642,25 @@ def parse_filter(text: str) -> list[tuple[str, str]]:
             value = value.upper().removeprefix("JOB_STATE_")
         terms.append((key, value))
     return terms
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain values, with whole numbers as ints (Struct has only doubles).
+
+    Outputs travel from workers as Structs; sizes, shapes and counts must come back as
+    the ints they were (an artifact size of 1234.0 is not a valid int64 field).
+    """
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(json_format.MessageToDict(struct))
 
 
 def struct_of(values: dict[str, Any]) -> struct_pb2.Struct:

@@ -20,6 +20,7 @@ from aimass.training.v1 import training_pb2 as tpb
 
 JOB = "training_job"
 MAX_PROCESSES = 64
+MAX_HOSTS = 64
 
 
 def _at_least(value: float, low: float, field: str) -> None:
@@ -80,10 +81,8 @@ def check_job_fields(job: tpb.TrainingJob) -> None:
     processes, hosts = job.resources.processes, job.resources.hosts
     if not 0 <= processes <= MAX_PROCESSES:
         raise InvalidArgument(f"{JOB}.resources.processes", f"must be in [0, {MAX_PROCESSES}]")
-    if hosts > 1:
-        raise InvalidArgument(
-            f"{JOB}.resources.hosts", "jobs spanning several hosts are not supported yet; use 1"
-        )
+    if not 0 <= hosts <= MAX_HOSTS:
+        raise InvalidArgument(f"{JOB}.resources.hosts", f"must be in [0, {MAX_HOSTS}]")
     if not ann.architecture_of(job.model):
         raise InvalidArgument(
             f"{JOB}.model", f"set one architecture: {', '.join(ann.ARCHITECTURES)}"

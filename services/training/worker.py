@@ -15,9 +15,21 @@ A worker killed mid-job (SIGKILL) never acks: after ``ack_wait`` the queue
 hands the job to another worker, which resumes from the last checkpoint.
 Failures of the job itself (NaN loss, user code that raises, a dataset that
 is gone) end the job FAILED with the reason and the traceback in its logs;
-the worker goes on with the next job. The worker writes the job's state,
-metrics, logs and checkpoints straight into the database (the training
-store) and publishes ``aimass.training.job.*`` through the outbox.
+the worker goes on with the next job.
+
+A worker needs NATS, the data, registry and training services and the
+artifact store, not the database: it claims, reports and completes jobs
+through the training service's internal RPCs (ClaimTrainingJob,
+ReportTrainingJobProgress, CompleteTrainingJob, RegisterWorker), and the
+service writes the tables and publishes ``aimass.training.job.*`` through its
+outbox. Metrics and log lines are buffered and sent in one report per
+``HEARTBEAT_S`` (the report is also the heartbeat and brings back a cancel);
+a checkpoint is reported at once, after its file is in the artifact store.
+
+A job across several hosts (``resources.hosts``) arrives as one
+``TrainingHostTask`` per host: host 0 claims the attempt with the address its
+rank 0 will listen on; the other hosts wait for that address through
+ClaimTrainingJob and join with their ranks (:func:`run_distributed`).
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import socket
 import threading
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,66 +54,130 @@ from google.protobuf import json_format, struct_pb2
 from aimass.common.v1 import common_pb2
 from aimass.core import nn as ann
 from aimass.core.artifacts import ArtifactStore, open_artifact_store
+from aimass.core.auth import outgoing_credentials
+from aimass.core.auth.hook import INTERNAL_HEADER
 from aimass.core.clients import ServiceChannels
-from aimass.core.db.engine import Database
 from aimass.core.errors import AimassError, FailedPrecondition, NotFound, Unavailable
-from aimass.core.events import EventBus, Job, OutboxRelay
+from aimass.core.events import EventBus, Job
 from aimass.core.logging import configure_logging
 from aimass.core.protodict import message_to_dict
 from aimass.core.settings import Settings, load_settings
 from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
 from aimass.training import search
-from aimass.training.ddp import run_distributed
+from aimass.training.ddp import free_port, run_distributed
 from aimass.training.sources import ServiceSplitSource
-from aimass.training.store import TrainingStore, job_id
+from aimass.training.store import job_id, struct_to_dict
 from aimass.training.trainer import Trainer, TrainingFailed, TrainPlan, TrainResult
 from aimass.training.v1 import training_pb2 as tpb
+from aimass.training.v1 import training_pb2_grpc
 from aimass.training.validation import fetch_dataset_version
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+# How long a host > 0 waits for host 0 to start the attempt before giving the task back.
+JOIN_WAIT_S = 60.0
 CHUNK = 1 << 20
 
 
+class _Reporter:
+    """A running attempt's progress, buffered and sent to the training service in batches.
+
+    ``add`` is safe from any thread (the training thread); ``flush`` runs on the loop and
+    sends everything buffered in one ReportTrainingJobProgress, in order.
+    """
+
+    def __init__(self, worker: TrainingWorker, job: tpb.TrainingJob) -> None:
+        self.worker, self.name, self.attempt = worker, job.name, job.status.attempt
+        self._pending: list[tpb.ProgressRecord] = []
+        self._lock = threading.Lock()
+        self._sending = asyncio.Lock()
+        self.superseded = False
+
+    def add(self, record: tpb.ProgressRecord) -> None:
+        with self._lock:
+            self._pending.append(record)
+
+    def log(self, message: str, stream: str = "system", rank: int = 0) -> None:
+        for line in message.rstrip("\n").splitlines() or [""]:
+            entry = tpb.LogEntry(
+                attempt=self.attempt,
+                rank=rank,
+                worker=f"workers/{self.worker.name}",
+                stream=_STREAMS.get(stream, tpb.LOG_STREAM_SYSTEM),
+                message=line,
+            )
+            self.add(tpb.ProgressRecord(log_entry=entry))
+
+    async def flush(self) -> bool:
+        """Sends what is buffered (possibly nothing: a heartbeat); True when cancel was asked."""
+        async with self._sending:
+            with self._lock:
+                batch, self._pending = self._pending, []
+            request = tpb.ReportTrainingJobProgressRequest(
+                name=self.name,
+                worker=f"workers/{self.worker.name}",
+                attempt=self.attempt,
+                records=batch,
+            )
+            try:
+                response = await self.worker.training.ReportTrainingJobProgress(request)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.ABORTED:
+                    self.superseded = True
+                else:
+                    with self._lock:
+                        self._pending[:0] = batch
+                raise _rpc_error("training ReportTrainingJobProgress", err) from err
+            return response.cancel_requested
+
+
 class _Hooks:
-    """Reports of the training thread, written to the job's record (called off the loop)."""
+    """Reports of the training thread, sent to the service through the reporter."""
 
     def __init__(
-        self,
-        worker: TrainingWorker,
-        job: tpb.TrainingJob,
-        loop: asyncio.AbstractEventLoop,
-        total_steps: int,
+        self, worker: TrainingWorker, reporter: _Reporter, loop: asyncio.AbstractEventLoop
     ) -> None:
-        self.worker, self.job, self.loop = worker, job, loop
+        self.worker, self.reporter, self.loop = worker, reporter, loop
         self.stop = threading.Event()
-        self.total = total_steps
-        self.attempt = job.status.attempt + 1
 
     def metrics(self, step: int, epoch: int, values: dict[str, float]) -> None:
-        payload = {"step": step, "epoch": epoch, "metrics": values, "completed": step}
-        payload["total"] = self.total
-        self.worker.store.append_events(self.job.name, [("metrics", payload)])
+        metrics = tpb.StepMetrics(step=step, epoch=epoch, metrics=values)
+        self.reporter.add(tpb.ProgressRecord(metrics=metrics))
 
     def log(self, message: str, stream: str = "system") -> None:
-        self.worker.job_log(self.job.name, self.attempt, message, stream)
+        self.reporter.log(message, stream)
 
     def checkpoint(self, step: int, epoch: int, path: Path, metrics: dict[str, float]) -> None:
-        stored = asyncio.run_coroutine_threadsafe(
-            self.worker.artifacts.put_file(path), self.loop
+        asyncio.run_coroutine_threadsafe(
+            self._checkpoint(step, epoch, path, metrics), self.loop
         ).result()
-        artifact = {
-            "uri": stored.uri,
-            "sha256": stored.sha256,
-            "size_bytes": stored.size,
-            "file_name": path.name,
-        }
-        keep = self.job.training.keep_checkpoints or 3
-        self.worker.store.record_checkpoint(self.job.name, step, epoch, artifact, metrics, keep)
+
+    async def _checkpoint(
+        self, step: int, epoch: int, path: Path, metrics: dict[str, float]
+    ) -> None:
+        stored = await self.worker.artifacts.put_file(path)
+        artifact = common_pb2.Artifact(
+            kind="checkpoint",
+            uri=stored.uri,
+            sha256=stored.sha256,
+            size_bytes=stored.size,
+            file_name=path.name,
+        )
+        checkpoint = tpb.Checkpoint(step=step, epoch=epoch, artifact=artifact, metrics=metrics)
+        self.reporter.add(tpb.ProgressRecord(checkpoint=checkpoint))
+        if await self.reporter.flush():
+            self.stop.set()
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
+
+
+_STREAMS = {
+    "system": tpb.LOG_STREAM_SYSTEM,
+    "stdout": tpb.LOG_STREAM_STDOUT,
+    "stderr": tpb.LOG_STREAM_STDERR,
+}
 
 
 class TrainingWorker:
@@ -116,54 +192,50 @@ class TrainingWorker:
         ack_wait_s: float = 30.0,
         max_deliver: int = 5,
         addresses: Mapping[str, str] | None = None,
+        advertise_address: str = "",
     ) -> None:
         self.settings = settings
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.threads = threads
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
-        self.db = Database(settings.database_url)
-        self.store = TrainingStore(self.db)
-        self.channels = ServiceChannels(settings, addresses)
+        self.channels = ServiceChannels(settings, addresses, credentials=_credentials(settings))
         self.artifacts: ArtifactStore = open_artifact_store(settings.artifact_root, settings.s3)
         self.work_root = Path(settings.home) / "work" / "training"
+        self.advertise_address = advertise_address or _default_address(settings)
         self.jobs_done = 0
 
-    # -- logs --
-    def job_log(self, name: str, attempt: int, message: str, stream: str = "system") -> None:
-        lines = message.rstrip("\n").splitlines() or [""]
-        events = [
-            (
-                "log",
-                {
-                    "attempt": attempt,
-                    "rank": 0,
-                    "worker": f"workers/{self.name}",
-                    "stream": stream,
-                    "message": line,
-                },
-            )
-            for line in lines
-        ]
-        self.store.append_events(name, events)
+    @property
+    def training(self) -> training_pb2_grpc.TrainingServiceStub:
+        return training_pb2_grpc.TrainingServiceStub(self.channels.get("training"))
+
+    # -- the worker's record --
+    async def _register(self, state: str, current_job: str = "") -> None:
+        """Records the worker's state with the service; best effort (the queue is the truth)."""
+        capabilities = struct_pb2.Struct()
+        capabilities.update({"threads": self.threads, "cpus": os.cpu_count() or 0})
+        request = tpb.RegisterWorkerRequest(
+            name=f"workers/{self.name}",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            state=tpb.WorkerState.Value(f"WORKER_STATE_{state}"),
+            current_job=current_job,
+            capabilities=capabilities,
+        )
+        try:
+            # Short when leaving: a service that is gone must not hold up the exit.
+            await self.training.RegisterWorker(request, timeout=2 if state == "LOST" else 10)
+        except grpc.aio.AioRpcError as err:
+            log.warning("worker state %s not recorded: %s", state, err.details())
 
     # -- the loop --
     async def run(self, stop: asyncio.Event, max_jobs: int | None = None) -> None:
         bus = await EventBus.connect(self.settings, f"aimass-worker-{self.name}")
         await bus.ensure_streams()
-        relay = OutboxRelay(self.db, bus)
-        relay.start()
-        self.relay = relay
         queue = await bus.job_queue(
             "training", ack_wait_s=self.ack_wait_s, max_deliver=self.max_deliver
         )
-        await asyncio.to_thread(
-            self.store.register_worker,
-            self.name,
-            socket.gethostname(),
-            os.getpid(),
-            {"threads": self.threads, "cpus": os.cpu_count()},
-        )
+        await self._register("IDLE")
         log.info("worker %s pulls training jobs", self.name)
         try:
             while not stop.is_set() and (max_jobs is None or self.jobs_done < max_jobs):
@@ -173,60 +245,176 @@ class TrainingWorker:
                 await self.handle(job)
                 self.jobs_done += 1
         finally:
-            await asyncio.to_thread(self.store.worker_state, self.name, "GONE")
+            await self._register("LOST")
             await queue.close()
-            await relay.stop()
             await bus.close()
             await self.channels.close()
-            await asyncio.to_thread(self.db.dispose)
+
+    async def _claim(
+        self, name: str, *, host_rank: int = 0, address: str = "", attempt: int = 0
+    ) -> tpb.TrainingJob:
+        request = tpb.ClaimTrainingJobRequest(
+            name=name,
+            worker=f"workers/{self.name}",
+            host_rank=host_rank,
+            rendezvous_address=address,
+            attempt=attempt,
+        )
+        try:
+            return await self.training.ClaimTrainingJob(request)
+        except grpc.aio.AioRpcError as err:
+            if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise NotFound(f"{name}: {err.details()}") from err
+            raise _rpc_error("training ClaimTrainingJob", err) from err
 
     async def handle(self, delivery: Job) -> None:
         """Runs one delivery to its end and settles it (ack, or nak for a transient error)."""
         name = delivery.name
+        task = _host_task(delivery)
+        if task.host_rank > 0:
+            await self._join(delivery, task)
+            return
+        address = self._rendezvous_address() if task.hosts > 1 else ""
         try:
-            job = await asyncio.to_thread(self.store.begin_attempt, name, self.name)
+            job = await self._claim(name, address=address)
         except NotFound:
             await delivery.term()
             return
-        if job is None:
-            await delivery.ack()
+        except Unavailable as err:
+            log.warning("cannot claim %s, retrying later: %s", name, err)
+            await delivery.nak(delay_s=2.0)
             return
-        await asyncio.to_thread(self.store.worker_state, self.name, "BUSY", name)
-        attempt = job.status.attempt
-        work_dir = self.work_root / job_id(name) / str(attempt)
+        if job.status.state != common_pb2.JOB_STATE_RUNNING:
+            await delivery.ack()  # ended or cancelled while queued
+            return
+        log.info("%s: attempt %s claimed", name, job.status.attempt)
+        reporter = _Reporter(self, job)
+        work_dir = self.work_root / job_id(name) / str(job.status.attempt)
         try:
             async with delivery.keep_alive(self.ack_wait_s / 3):
-                await self._run_job(job, work_dir)
+                await self._run_job(job, reporter, work_dir)
             await delivery.ack()
         except Unavailable as err:
-            if delivery.num_delivered >= self.max_deliver:
-                await self._fail(job, f"gave up after {delivery.num_delivered} attempts: {err}")
+            if reporter.superseded:
+                log.warning("%s: attempt %s superseded: %s", name, reporter.attempt, err)
+                await delivery.ack()
+            elif delivery.num_delivered >= self.max_deliver:
+                await self._complete_quietly(
+                    job,
+                    reporter,
+                    "FAILED",
+                    f"gave up after {delivery.num_delivered} attempts: {err}",
+                )
                 await delivery.ack()
             else:
-                self.job_log(name, attempt, f"transient failure, retrying: {err}")
+                reporter.log(f"transient failure, retrying: {err}")
+                with contextlib.suppress(AimassError):
+                    await reporter.flush()
                 await delivery.nak(delay_s=2.0)
+        except Exception as err:  # a bug or an unexpected reply: end the job, keep the worker
+            log.exception("%s: attempt %s broke", name, reporter.attempt)
+            await self._complete_quietly(job, reporter, "FAILED", f"worker error: {err!r}")
+            await delivery.ack()
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
-            await asyncio.to_thread(self.store.worker_state, self.name, "IDLE")
-            self.relay.notify()
+            await self._register("IDLE")
 
-    async def _fail(self, job: tpb.TrainingJob, reason: str) -> None:
-        await asyncio.to_thread(self.store.finish, job.name, "FAILED", reason=reason)
-        await self._after_trial(job)
+    async def _complete_quietly(
+        self, job: tpb.TrainingJob, reporter: _Reporter, state: str, reason: str
+    ) -> None:
+        try:
+            await self._complete(job, reporter, state, reason=reason)
+        except AimassError as err:
+            log.warning("%s not marked %s: %s", job.name, state, err)
 
-    async def _run_job(self, job: tpb.TrainingJob, work_dir: Path) -> None:
-        name, attempt = job.name, job.status.attempt
-        await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
-        self.job_log(name, attempt, f"attempt {attempt} on worker {self.name}")
+    async def _complete(
+        self,
+        job: tpb.TrainingJob,
+        reporter: _Reporter | None,
+        state: str,
+        *,
+        reason: str = "",
+        metrics: Mapping[str, float] | None = None,
+        model_version: str = "",
+        outputs: Mapping[str, Any] | None = None,
+        best_trial: str = "",
+        trials_completed: int = 0,
+    ) -> None:
+        """Sends the last progress and ends the job; finishes its search when it was the last."""
+        if reporter is not None:
+            await reporter.flush()
+        request = tpb.CompleteTrainingJobRequest(
+            name=job.name,
+            worker=f"workers/{self.name}",
+            attempt=reporter.attempt if reporter is not None else 0,
+            state=common_pb2.JobState.Value(f"JOB_STATE_{state}"),
+            reason=reason,
+            metrics=dict(metrics or {}),
+            model_version=model_version,
+            best_trial=best_trial,
+            trials_completed=trials_completed,
+        )
+        if outputs is not None:
+            request.outputs.update(dict(outputs))
+        try:
+            response = await self.training.CompleteTrainingJob(request)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.ABORTED and reporter is not None:
+                reporter.superseded = True
+            raise _rpc_error("training CompleteTrainingJob", err) from err
+        if response.HasField("search_parent"):
+            await self._finish_search(response)
+
+    async def _fail(self, job: tpb.TrainingJob, reporter: _Reporter, reason: str) -> None:
+        await self._complete(job, reporter, "FAILED", reason=reason)
+
+    async def _run_job(self, job: tpb.TrainingJob, reporter: _Reporter, work_dir: Path) -> None:
+        attempt = job.status.attempt
+        reporter.log(f"attempt {attempt} on worker {self.name}")
         try:
             version = await fetch_dataset_version(self.channels.get("data"), job.dataset_version)
         except (NotFound, FailedPrecondition) as err:
-            await self._fail(job, err.message)
+            await self._fail(job, reporter, err.message)
             return
         data = ann.data_signature_from_version(version)
-        resume = await self._download_checkpoint(name, work_dir)
-        plan = TrainPlan(
-            job=name,
+        plan = await self._plan(job, data, work_dir)
+        source = ServiceSplitSource(self.channels.address("data"), job.dataset_version)
+        hooks = _Hooks(self, reporter, asyncio.get_running_loop())
+        monitor = asyncio.create_task(self._report_periodically(reporter, hooks))
+        try:
+            result = await asyncio.to_thread(self._train, plan, source, hooks, job, 0)
+        except (TrainingFailed, AimassError) as err:
+            if reporter.superseded:
+                raise Unavailable(f"attempt {attempt} was superseded") from err
+            if isinstance(err, Unavailable):
+                raise  # a service or the store is briefly away: redelivered, resumed
+            trace = getattr(err, "traceback_text", "") or traceback.format_exc()
+            reporter.log(trace, "stderr")
+            reason = str(err) if isinstance(err, TrainingFailed) else err.message
+            await self._fail(job, reporter, reason)
+            return
+        except Exception as err:  # user code and anything else: the worker must survive
+            reporter.log(traceback.format_exc(), "stderr")
+            await self._fail(job, reporter, f"training raised {err!r}")
+            return
+        finally:
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+        if reporter.superseded:
+            raise Unavailable(f"attempt {attempt} was superseded")
+        if result.cancelled:
+            await self._complete(job, reporter, "CANCELLED", reason="cancelled on request")
+            return
+        await self._succeed(job, reporter, result, data)
+
+    async def _plan(
+        self, job: tpb.TrainingJob, data: ann.DataSignature, work_dir: Path
+    ) -> TrainPlan:
+        await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
+        resume = await self._download_checkpoint(job, work_dir)
+        return TrainPlan(
+            job=job.name,
             spec=job.model.SerializeToString(),
             config=job.training.SerializeToString(),
             data_signature=data.to_dict(),
@@ -234,59 +422,121 @@ class TrainingWorker:
             resume_from=str(resume) if resume else "",
             threads=self.threads,
         )
-        source = ServiceSplitSource(self.channels.address("data"), job.dataset_version)
-        loop = asyncio.get_running_loop()
-        hooks = _Hooks(self, job, loop, 0)
-        hooks.attempt = attempt
-        world = max(1, job.resources.processes)
-        monitor = asyncio.create_task(self._watch_cancel(name, hooks))
+
+    def _train(
+        self,
+        plan: TrainPlan,
+        source: ServiceSplitSource,
+        hooks: _Hooks,
+        job: tpb.TrainingJob,
+        host_rank: int,
+    ) -> TrainResult:
+        local = max(1, job.resources.processes)
+        hosts = max(1, job.resources.hosts)
+        if hosts > 1:
+            world, first = local * hosts, host_rank * local
+            hooks.log(
+                f"host {host_rank} of {hosts}: ranks {first}..{first + local - 1} of {world}, "
+                f"rendezvous {job.rendezvous_address} (gloo)"
+            )
+            return run_distributed(
+                plan,
+                source,
+                hooks,
+                world,
+                local=local,
+                first_rank=first,
+                address=job.rendezvous_address,
+            )
+        if local > 1:
+            hooks.log(f"data parallel over {local} processes (gloo)")
+            return run_distributed(plan, source, hooks, local)
+        return Trainer(plan, source, hooks).run()
+
+    # -- jobs across several hosts --
+    def _rendezvous_address(self) -> str:
+        """Where this host's rank 0 will listen: a free port on the advertised address."""
+        host = self.advertise_address
+        return f"tcp://{host}:{free_port(host)}"
+
+    async def _join(self, delivery: Job, task: tpb.TrainingHostTask) -> None:
+        """Host ``task.host_rank`` of a job across several hosts: waits for host 0 to start
+        the attempt, then runs this host's ranks. Host 0 alone reports and ends the job; a
+        task of an older attempt is dropped."""
+        name = delivery.name
+        async with delivery.keep_alive(self.ack_wait_s / 3):
+            job = await self._wait_for_attempt(name, task)
+        if job is None:
+            await delivery.ack()
+            return
+        if job.status.attempt != task.attempt:
+            await delivery.nak(delay_s=2.0)  # host 0 has not started it yet
+            return
+        log.info("%s: host %s joins attempt %s", name, task.host_rank, task.attempt)
+        reporter = _Reporter(self, job)
+        work_dir = self.work_root / job_id(name) / f"{job.status.attempt}-host{task.host_rank}"
+        hooks = _Hooks(self, reporter, asyncio.get_running_loop())
+        monitor = asyncio.create_task(self._report_periodically(reporter, hooks))
         try:
-            result = await asyncio.to_thread(self._train, plan, source, hooks, world)
-        except (TrainingFailed, AimassError) as err:
-            trace = getattr(err, "traceback_text", "") or traceback.format_exc()
-            self.job_log(name, attempt, trace, "stderr")
-            reason = str(err) if isinstance(err, TrainingFailed) else err.message
-            await self._fail(job, reason)
-            return
-        except Exception as err:  # user code and anything else: the worker must survive
-            self.job_log(name, attempt, traceback.format_exc(), "stderr")
-            await self._fail(job, f"training raised {err!r}")
-            return
+            async with delivery.keep_alive(self.ack_wait_s / 3):
+                reporter.log(f"host {task.host_rank} of attempt {task.attempt} on {self.name}")
+                version = await fetch_dataset_version(
+                    self.channels.get("data"), job.dataset_version
+                )
+                data = ann.data_signature_from_version(version)
+                plan = await self._plan(job, data, work_dir)
+                source = ServiceSplitSource(self.channels.address("data"), job.dataset_version)
+                await asyncio.to_thread(self._train, plan, source, hooks, job, task.host_rank)
+        except Exception as err:  # host 0 sees the failure too and decides for the job
+            reporter.log(f"host {task.host_rank} failed: {err}", "stderr")
         finally:
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
-        if result.cancelled:
-            await asyncio.to_thread(
-                self.store.finish, name, "CANCELLED", reason="cancelled on request"
-            )
-            await self._after_trial(job)
-            return
-        await self._succeed(job, result, data)
+            with contextlib.suppress(AimassError):
+                await reporter.flush()
+            shutil.rmtree(work_dir, ignore_errors=True)
+        await delivery.ack()
 
-    def _train(
-        self, plan: TrainPlan, source: ServiceSplitSource, hooks: _Hooks, world: int
-    ) -> TrainResult:
-        if world > 1:
-            hooks.log(f"data parallel over {world} processes (gloo)")
-            return run_distributed(plan, source, hooks, world)
-        return Trainer(plan, source, hooks).run()
+    async def _wait_for_attempt(
+        self, name: str, task: tpb.TrainingHostTask
+    ) -> tpb.TrainingJob | None:
+        """The job once host 0 published the task's attempt; None when the task is stale."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + JOIN_WAIT_S
+        while True:
+            try:
+                job = await self._claim(name, host_rank=task.host_rank, attempt=task.attempt)
+            except NotFound:
+                return None
+            state = job.status.state
+            if state != common_pb2.JOB_STATE_QUEUED and state != common_pb2.JOB_STATE_RUNNING:
+                return None
+            if job.status.attempt > task.attempt:
+                return None
+            ready = job.status.attempt == task.attempt and job.rendezvous_address
+            if ready or loop.time() > deadline:
+                return job
+            await asyncio.sleep(0.5)
 
-    async def _watch_cancel(self, name: str, hooks: _Hooks) -> None:
+    async def _report_periodically(self, reporter: _Reporter, hooks: _Hooks) -> None:
+        """Sends the buffered progress every HEARTBEAT_S (the heartbeat) and relays a cancel."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                if await asyncio.to_thread(self.store.heartbeat, name):
+                if await reporter.flush():
                     hooks.stop.set()
             except AimassError as err:
-                log.warning("heartbeat of %s not recorded: %s", name, err)
+                if reporter.superseded:
+                    hooks.stop.set()  # another worker owns the job now
+                    return
+                log.warning("progress of %s not recorded yet: %s", reporter.name, err)
 
-    async def _download_checkpoint(self, name: str, work_dir: Path) -> Path | None:
-        uri = await asyncio.to_thread(self.store.checkpoint_uri, name)
-        if not uri:
+    async def _download_checkpoint(self, job: tpb.TrainingJob, work_dir: Path) -> Path | None:
+        if not job.checkpoints:
             return None
         path = work_dir / "resume.pt"
-        await self.artifacts.get_file(uri, path)
+        await self.artifacts.get_file(job.checkpoints[-1].artifact.uri, path)
         return path
 
     # -- outputs --
@@ -303,7 +553,11 @@ class TrainingWorker:
         return outputs
 
     async def _succeed(
-        self, job: tpb.TrainingJob, result: TrainResult, data: ann.DataSignature
+        self,
+        job: tpb.TrainingJob,
+        reporter: _Reporter,
+        result: TrainResult,
+        data: ann.DataSignature,
     ) -> None:
         outputs = await self._store_outputs(result)
         outputs["signature"] = result.signature
@@ -316,21 +570,12 @@ class TrainingWorker:
         version = ""
         if job.target_model:
             version = await self.register(job, job.name, outputs, metrics)
-        self.job_log(
-            job.name,
-            job.status.attempt,
-            f"succeeded after {result.steps} steps"
-            + (f"; registered {version}" if version else ""),
+        reporter.log(
+            f"succeeded after {result.steps} steps" + (f"; registered {version}" if version else "")
         )
-        await asyncio.to_thread(
-            self.store.finish,
-            job.name,
-            "SUCCEEDED",
-            metrics=metrics,
-            model_version=version,
-            outputs=outputs,
+        await self._complete(
+            job, reporter, "SUCCEEDED", metrics=metrics, model_version=version, outputs=outputs
         )
-        await self._after_trial(job)
 
     async def register(
         self,
@@ -427,41 +672,76 @@ class TrainingWorker:
         return artifact
 
     # -- searches --
-    async def _after_trial(self, job: tpb.TrainingJob) -> None:
-        """When the job was the last trial of a search to end: rank, register the best."""
-        outcome = await asyncio.to_thread(self.store.search_outcome, job.name)
-        if outcome is None:
-            return
-        parent: tpb.TrainingJob = outcome["parent"]
-        trials = outcome["trials"]
+    async def _finish_search(self, response: tpb.CompleteTrainingJobResponse) -> None:
+        """The job was the last trial of its search to end: rank the trials, register the best."""
+        parent = response.search_parent
+        trials = [
+            {
+                "name": t.name,
+                "state": common_pb2.JobState.Name(t.state).removeprefix("JOB_STATE_"),
+                "metrics": dict(t.metrics),
+                "outputs": struct_to_dict(t.outputs) if t.outputs.fields else None,
+            }
+            for t in response.trials
+        ]
         best = search.best_trial(trials, parent.hyperparameter_search)
-        done = sum(1 for t in trials if t["state"] == "SUCCEEDED")
         if best is None:
-            await asyncio.to_thread(
-                self.store.finish,
-                parent.name,
-                "FAILED",
-                reason=f"no trial succeeded with metric "
-                f"{parent.hyperparameter_search.objective_metric!r}",
+            reason = (
+                f"no trial succeeded with metric {parent.hyperparameter_search.objective_metric!r}"
             )
+            await self._complete(parent, None, "FAILED", reason=reason)
             return
-        await asyncio.to_thread(self.store.set_best_trial, parent.name, best["name"], done)
+        done = sum(1 for t in trials if t["state"] == "SUCCEEDED")
         version = ""
         if parent.target_model and best.get("outputs"):
             version = await self.register(parent, best["name"], best["outputs"], best["metrics"])
         metrics = dict(best["metrics"])
         metrics["objective"] = best["metrics"][parent.hyperparameter_search.objective_metric]
-        await asyncio.to_thread(
-            self.store.finish,
-            parent.name,
+        await self._complete(
+            parent,
+            None,
             "SUCCEEDED",
             metrics=metrics,
             model_version=version,
+            best_trial=best["name"],
+            trials_completed=done,
         )
 
 
+def _default_address(settings: Settings) -> str:
+    """The address other hosts reach this one at: loopback for a stack on one machine."""
+    if settings.host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _host_task(delivery: Job) -> tpb.TrainingHostTask:
+    """The host task a delivery carries (host 0 of 1 for a job on one host)."""
+    task = tpb.TrainingHostTask()
+    if delivery.envelope.payload.Is(task.DESCRIPTOR):
+        delivery.envelope.payload.Unpack(task)
+    return task
+
+
+def _credentials(settings: Settings) -> Callable[[], Mapping[str, str]]:
+    """What the worker's calls carry: the stack's internal token when auth is on."""
+    token = settings.auth.internal_token if settings.auth.enabled else None
+    if token:
+        return lambda: {INTERNAL_HEADER: token}
+    return outgoing_credentials
+
+
 def _rpc_error(what: str, err: grpc.aio.AioRpcError) -> AimassError:
-    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    transient = (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    if err.code() in transient:
         return Unavailable(f"{what}: {err.details()}")
     return FailedPrecondition(f"{what} failed: {err.code().name}: {err.details()}")
 

@@ -122,8 +122,8 @@ class TrainingStack:
 
     @contextlib.asynccontextmanager
     async def worker(self, **kw: Any) -> AsyncIterator[TrainingWorker]:
-        """An in-process worker (its own NATS connection, database and channels)."""
-        worker = TrainingWorker(self.settings, threads=1, **kw)
+        """An in-process worker (its own NATS connection and channels; no database)."""
+        worker = TrainingWorker(worker_settings(self.settings), threads=1, **kw)
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         try:
@@ -167,12 +167,21 @@ async def training_stack_any_db(
         yield ts
 
 
+# Workers never open the database: every worker of these tests gets one that cannot be
+# reached, so any database access by a worker fails the test that drives it.
+UNREACHABLE_DATABASE_URL = "postgresql+psycopg://nobody:nothing@127.0.0.1:9/none"
+
+
+def worker_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"database_url": UNREACHABLE_DATABASE_URL})
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             "AIMASS_HOME": str(settings.home),
-            "AIMASS_DATABASE_URL": settings.database_url,
+            "AIMASS_DATABASE_URL": UNREACHABLE_DATABASE_URL,
             "AIMASS_ARTIFACT_ROOT": settings.artifact_root,
             "AIMASS_NATS_URL": settings.nats_url,
             "AIMASS_LOG_FORMAT": "console",

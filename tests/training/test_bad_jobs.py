@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from sqlalchemy import select
 
 from aimass.common.v1 import common_pb2
+from aimass.core.db import models as m
+from aimass.core.db.engine import Database
 from aimass.registry.v1 import registry_pb2
 from aimass.training.v1 import training_pb2 as tpb
 
@@ -49,6 +52,25 @@ async def test_create_refuses_bad_requests_and_stores_nothing(training_stack):
     err = await refused(ts, ts.job(MLP, {"batch_size": 8}))
     assert "set epochs or max_steps" in err.details()
 
+    listed = await ts.training.ListTrainingJobs(tpb.ListTrainingJobsRequest())
+    assert list(listed.training_jobs) == []
+
+
+async def test_dataset_version_not_ready_is_refused_at_create(training_stack):
+    ts = training_stack
+    # A version caught mid-ingest, written as the data service's store writes it.
+    db = Database(ts.settings.database_url)
+    try:
+        with db.session() as session:
+            dataset = session.scalars(select(m.Dataset).where(m.Dataset.name == "digits")).one()
+            session.add(m.DatasetVersion(dataset_id=dataset.id, version=2, state="INGESTING"))
+    finally:
+        db.dispose()
+    name = "datasets/digits/versions/2"
+    err = await refused(ts, ts.job(MLP, QUICK, dataset_version=name))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"{name} is INGESTING, not READY" in err.details()
+    assert "training_job.dataset_version" in err.details()
     listed = await ts.training.ListTrainingJobs(tpb.ListTrainingJobsRequest())
     assert list(listed.training_jobs) == []
 
