@@ -279,3 +279,13 @@ async def test_the_admin_key_file_is_written_once_and_recreated_when_deleted(tmp
     assert created
     assert path.read_text() != first
     assert path.read_text().startswith("aimass_admin-")
+
+
+def test_training_worker_rpcs_need_manage() -> None:
+    from aimass.core.auth.roles import DEVELOPER, allowed, method_permissions
+
+    table = method_permissions()
+    for name in ("ClaimTrainingJob", "ReportTrainingJobProgress", "CompleteTrainingJob"):
+        accepted = table[f"/aimass.training.v1.TrainingService/{name}"]
+        assert not allowed(DEVELOPER, accepted), name
+    assert allowed(DEVELOPER, table["/aimass.training.v1.TrainingService/CreateTrainingJob"])

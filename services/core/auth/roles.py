@@ -12,7 +12,8 @@ package: a google.api.http ``get`` is a read, any other verb a write;
 ``Predict*`` methods need predict, and what a predicting client must read
 (deployment metadata, health, route tables) accepts read or predict. Every
 method of the access package needs manage, except LookupCallerIdentity, which
-any authenticated caller may use. A method missing from the map needs manage:
+any authenticated caller may use; the training workers' RPCs (claim, report, complete,
+register) need manage too. A method missing from the map needs manage:
 unknown means admin only, never open.
 """
 
@@ -59,6 +60,14 @@ _PREDICT_SIDE_READS = {
     "GetDeploymentHealth",
 }
 _OPEN_ACCESS_METHODS = {"LookupCallerIdentity"}
+# What training workers call to run jobs: a developer key must not forge a job's outcome,
+# so only admins and the stack's internal token (which workers present) may call them.
+_WORKER_METHODS = {
+    "ClaimTrainingJob",
+    "ReportTrainingJobProgress",
+    "CompleteTrainingJob",
+    "RegisterWorker",
+}
 # Every package a process of the stack may serve (a port name is a process name).
 _PROTO_PACKAGES = tuple(dict.fromkeys([*SERVICE_NAMES, *Ports.model_fields, "access"]))
 
@@ -76,6 +85,8 @@ def permission_of(
     """The permissions that admit a call of one method (any one of them is enough)."""
     if service.full_name.startswith("aimass.access."):
         return ANYONE if method.name in _OPEN_ACCESS_METHODS else ONLY_ADMIN
+    if method.name in _WORKER_METHODS:
+        return ONLY_ADMIN
     if method.name.startswith("Predict"):
         return frozenset({PREDICT})
     if method.name in _PREDICT_SIDE_READS:
