@@ -35,12 +35,9 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
-class _MetadataInterceptor(
-    aio.UnaryUnaryClientInterceptor,
-    aio.UnaryStreamClientInterceptor,
-    aio.StreamUnaryClientInterceptor,
-):
-    """Adds trace headers and static credentials to every outgoing call."""
+class _MetadataInterceptor:
+    """Adds trace headers and static credentials to every outgoing call (through the
+    per-kind subclasses below)."""
 
     def __init__(self, credentials: Callable[[], Mapping[str, str]] | None) -> None:
         self._credentials = credentials
@@ -72,6 +69,21 @@ class _MetadataInterceptor(
         return await continuation(self._details(details), requests)
 
 
+# grpc.aio files each interceptor under the first kind it is an instance of (an elif
+# chain in grpc/aio/_channel.py), so one class with all three bases would only ever see
+# unary-unary calls and streaming calls would go out without credentials: one per kind.
+class _UnaryUnaryMetadata(_MetadataInterceptor, aio.UnaryUnaryClientInterceptor):
+    pass
+
+
+class _UnaryStreamMetadata(_MetadataInterceptor, aio.UnaryStreamClientInterceptor):
+    pass
+
+
+class _StreamUnaryMetadata(_MetadataInterceptor, aio.StreamUnaryClientInterceptor):
+    pass
+
+
 def open_channel(
     address: str,
     settings: Settings,
@@ -81,7 +93,10 @@ def open_channel(
     return aio.insecure_channel(
         address,
         options=channel_options(settings),
-        interceptors=[_MetadataInterceptor(credentials)],
+        interceptors=[
+            kind(credentials)
+            for kind in (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata)
+        ],
     )
 
 

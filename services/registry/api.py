@@ -25,12 +25,13 @@ from google.protobuf import empty_pb2
 from aimass.common.v1 import common_pb2
 from aimass.core.artifacts import ArtifactStore
 from aimass.core.artifacts.base import iterate_file
-from aimass.core.errors import InvalidArgument, NotFound
+from aimass.core.errors import InvalidArgument, NotFound, PermissionDenied
 from aimass.core.interceptors import current_principal
 from aimass.registry import bundles, importers
 from aimass.registry.filters import (
     MODEL_FIELDS,
     VERSION_FIELDS,
+    Condition,
     parse_filter,
     parse_order_by,
 )
@@ -88,17 +89,50 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         _check_tags(model.tags, "registered_model.tags")
         if not model.owner:
             model.owner = current_principal().subject
+        project = _caller_project()
+        if project:
+            if model.project and model.project != project:
+                raise PermissionDenied(
+                    f"registered_model.project: a caller scoped to project {project!r} cannot"
+                    f" create models in project {model.project!r}"
+                )
+            model.project = project
         return await self._write(self.store.create_model, model_id, model)
 
     async def GetRegisteredModel(
         self, request: pb.GetRegisteredModelRequest, context: Context
     ) -> pb.RegisteredModel:
-        return await asyncio.to_thread(self.store.get_model, parse_model_name(request.name))
+        return await self._model_in_scope(parse_model_name(request.name))
+
+    async def _model_in_scope(self, model_id: str) -> pb.RegisteredModel:
+        """The model, or NotFound when the caller is scoped to another project (the same
+        answer as a missing model, so a scoped caller learns nothing about other projects)."""
+        model = await asyncio.to_thread(self.store.get_model, model_id)
+        project = _caller_project()
+        if project and model.project != project:
+            raise NotFound(f"{model.name} not found")
+        return model
+
+    async def _check_scope(self, model_id: str) -> None:
+        """For RPCs on a model's versions: NotFound for a model of another project (a missing
+        model is left to the store, which answers NotFound itself)."""
+        project = _caller_project()
+        if not project:
+            return
+        try:
+            model = await asyncio.to_thread(self.store.get_model, model_id)
+        except NotFound:
+            return
+        if model.project != project:
+            raise NotFound(f"{model.name} not found")
 
     async def ListRegisteredModels(
         self, request: pb.ListRegisteredModelsRequest, context: Context
     ) -> pb.ListRegisteredModelsResponse:
         conditions = parse_filter(request.filter, MODEL_FIELDS)
+        project = _caller_project()
+        if project:
+            conditions = [*conditions, Condition("project", "", "=", project)]
         order = parse_order_by(request.order_by, MODEL_ORDER_FIELDS)
         page = await asyncio.to_thread(
             self.store.list_models, conditions, order, request.page_size, request.page_token
@@ -113,13 +147,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         model = request.registered_model
         model_id = parse_model_name(model.name, "registered_model.name")
         paths = _mask_paths(request.update_mask.paths, MODEL_MUTABLE)
+        await self._check_scope(model_id)
+        if _caller_project() and "project" in paths and model.project != _caller_project():
+            raise PermissionDenied(
+                "registered_model.project: a caller scoped to a project cannot move models"
+            )
         _check_tags(model.tags, "registered_model.tags")
         return await self._write(self.store.update_model, model_id, model, paths)
 
     async def DeleteRegisteredModel(
         self, request: pb.DeleteRegisteredModelRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self._write(self.store.delete_model, parse_model_name(request.name), request.etag)
+        model_id = parse_model_name(request.name)
+        await self._check_scope(model_id)
+        await self._write(self.store.delete_model, model_id, request.etag)
         return empty_pb2.Empty()
 
     # ---------------------------------------------------------------- versions
@@ -128,6 +169,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.CreateModelVersionRequest, context: Context
     ) -> pb.ModelVersion:
         model_id = parse_model_name(request.parent, "parent")
+        await self._check_scope(model_id)
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument("request_id", f"is longer than {MAX_REQUEST_ID} characters")
         version = pb.ModelVersion()
@@ -170,12 +212,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.GetModelVersionRequest, context: Context
     ) -> pb.ModelVersion:
         model_id, number = parse_version_name(request.name)
+        await self._check_scope(model_id)
         return await asyncio.to_thread(self.store.get_version, model_id, number)
 
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: Context
     ) -> pb.ListModelVersionsResponse:
         model_id = parse_model_name(request.parent, "parent")
+        await self._check_scope(model_id)
         conditions = parse_filter(request.filter, VERSION_FIELDS)
         order = parse_order_by(request.order_by, VERSION_ORDER_FIELDS)
         page = await asyncio.to_thread(
@@ -207,6 +251,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> pb.ModelVersion:
         version = request.model_version
         model_id, number = parse_version_name(version.name, "model_version.name")
+        await self._check_scope(model_id)
         paths = _mask_paths(request.update_mask.paths, VERSION_MUTABLE)
         _check_tags(version.tags, "model_version.tags")
         _check_metrics(version.metrics, "model_version.metrics")
@@ -225,6 +270,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DeleteModelVersionRequest, context: Context
     ) -> empty_pb2.Empty:
         model_id, number = parse_version_name(request.name)
+        await self._check_scope(model_id)
         await self._write(self.store.delete_version, model_id, number, request.etag)
         return empty_pb2.Empty()
 
@@ -462,6 +508,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
 
 # ====================================================================== checks
+
+
+def _caller_project() -> str:
+    """The project the caller is scoped to ("" for unscoped keys and tokens: they see all)."""
+    return current_principal().project
 
 
 async def _upload_chunks(

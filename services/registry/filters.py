@@ -4,7 +4,7 @@ Grammar (AIP-160 flavoured, deliberately tiny)::
 
     filter     := condition ( "AND" condition )*
     condition  := field operator value
-    field      := "metrics." NAME | "tags." NAME | "alias" | "model" | "owner" | "name"
+    field      := "metrics." NAME | "tags." NAME | "alias" | "model" | "owner" | "name" | "project"
                 | "dataset_version"
     operator   := "=" | "!=" | ">" | ">=" | "<" | "<="
     value      := NUMBER | '"' characters, with \\" and \\\\ escapes '"'
@@ -29,7 +29,7 @@ COMPARISONS = ("=", "!=", ">", ">=", "<", "<=")
 KEYED_FIELDS = ("metrics", "tags")
 # dataset_version: the lineage source, e.g. dataset_version = "datasets/d/versions/1".
 VERSION_FIELDS = frozenset({"metrics", "tags", "alias", "model", "dataset_version"})
-MODEL_FIELDS = frozenset({"tags", "owner", "name"})
+MODEL_FIELDS = frozenset({"tags", "owner", "name", "project"})
 MAX_FILTER_LENGTH = 2000
 
 _TOKEN = re.compile(

@@ -813,7 +813,9 @@ def _model_condition(condition: Condition) -> ColumnElement[bool]:
         if condition.op == "=":
             return column == condition.value
         return or_(column.is_(None), column != condition.value)
-    column = RegisteredModel.owner if condition.field == "owner" else RegisteredModel.name
+    column = {"owner": RegisteredModel.owner, "project": RegisteredModel.project}.get(
+        condition.field, RegisteredModel.name
+    )
     return _COMPARE[condition.op](column, condition.value)
 
 

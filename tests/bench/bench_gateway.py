@@ -7,8 +7,13 @@
 2. Auth cost end to end: sequential unary calls (LookupCallerIdentity) to a grpc.aio server
    with auth off, then on (API key), interleaved rounds.
 3. REST vs gRPC on the same RPC (registry GetRegisteredModel, auth on, same key): nats-server,
-   the registry and the gateway run as their own processes, as in `aimass up`; one client
-   process drives concurrency C over grpc.aio and over aiohttp, interleaved rounds.
+   the registry, the routing service and the gateway run as their own processes, as in
+   `aimass up`; one client process drives concurrency C over grpc.aio and over aiohttp,
+   interleaved rounds.
+4. Predict: a small ONNX MLP (8 -> 16 -> 3, batch of 4 rows) deployed on the routing
+   service's in-process ONNX Runtime backend (no Triton), REST POST
+   /v1/deployments/{id}:predict through the gateway (JSON, base64 raw tensors) against gRPC
+   Predict on the routing service, concurrency 1, 8 and 32, interleaved rounds.
 Medians; ratios against the baselines measured in the same run.
 """
 
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import os
 import socket
 import statistics
@@ -23,14 +30,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import grpc
+import numpy as np
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
 from aimass.access.v1 import access_pb2, access_pb2_grpc
+from aimass.common.v1 import common_pb2
 from aimass.core.auth.api import access_service
 from aimass.core.auth.bootstrap import ensure_admin_key
 from aimass.core.auth.hook import AccessControl
@@ -42,9 +52,19 @@ from aimass.core.server import create_server
 from aimass.core.settings import load_settings
 from aimass.embedded.components import nats_server_binary
 from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
+from aimass.routing.v1 import routing_pb2, routing_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.gateway.onnx_mlp import (
+    IN_FEATURES,
+    deploy_ready,
+    mlp_onnx,
+    register_onnx,
+)
 
 SECRET = "bench-hs256-secret-bench-hs256-secret-0123"
 METHOD = "/aimass.registry.v1.RegistryService/GetRegisteredModel"
+PREDICT_CONCURRENCY = [1, 8, 32]
 
 
 def free_port() -> int:
@@ -121,7 +141,8 @@ async def interceptor_cost(db_url: str, key: str, calls: int, rounds: int) -> tu
 
 
 def start_processes(home: Path, db_url: str) -> tuple[list[subprocess.Popen], dict[str, int]]:
-    ports = {name: free_port() for name in ("registry", "gateway", "nats", "nats_monitor")}
+    names = ("registry", "routing", "gateway", "nats", "nats_monitor")
+    ports = {name: free_port() for name in names}
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMASS_")}
     env.update(
         {
@@ -132,6 +153,8 @@ def start_processes(home: Path, db_url: str) -> tuple[list[subprocess.Popen], di
             # The benchmark measures throughput, not the limiter's refusals.
             "AIMASS_AUTH__RATE_LIMIT_PER_S": "1e12",
             "AIMASS_LOG_LEVEL": "WARNING",
+            # No Triton: the routing service serves with its in-process ONNX Runtime backend.
+            "AIMASS_ROUTING_METRICS_PORT": "0",
             **{f"AIMASS_PORTS__{name.upper()}": str(port) for name, port in ports.items()},
         }
     )
@@ -143,7 +166,7 @@ def start_processes(home: Path, db_url: str) -> tuple[list[subprocess.Popen], di
     time.sleep(0.5)
     logs = (home / "logs").open("w")
     processes = [nats]
-    for module in ("aimass.registry", "aimass.gateway"):
+    for module in ("aimass.registry", "aimass.routing", "aimass.gateway"):
         processes.append(
             subprocess.Popen([sys.executable, "-m", module], env=env, stdout=logs, stderr=logs)
         )
@@ -224,9 +247,104 @@ async def rest_round(port: int, key: str, case: str, concurrency: int, requests:
         return requests / (time.perf_counter() - start)
 
 
+# ---- 4. Predict ------------------------------------------------------------------------------
+
+BATCH = np.random.default_rng(0).normal(size=(4, IN_FEATURES)).astype(np.float32)
+
+
+def predict_request(deployment: str) -> routing_pb2.PredictRequest:
+    return routing_pb2.PredictRequest(
+        deployment=deployment,
+        inputs=[common_pb2.InferTensor(name="input", datatype="FP32", shape=list(BATCH.shape))],
+        raw_input_contents=[BATCH.tobytes()],
+    )
+
+
+def predict_body() -> bytes:
+    """The same request as proto3 JSON (bytes as base64), as a REST client sends it."""
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(BATCH.shape)}
+    raw = base64.b64encode(BATCH.tobytes()).decode()
+    return json.dumps({"inputs": [tensor], "rawInputContents": [raw]}).encode()
+
+
+async def drive(concurrency: int, requests: int, call: Callable[[], Awaitable[None]]) -> float:
+    """Requests per second of ``requests`` calls spread over ``concurrency`` workers."""
+    left = requests
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await call()
+
+    await call()  # warm: connection and first inference
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return requests / (time.perf_counter() - start)
+
+
+async def grpc_predict_round(
+    port: int, key: str, deployment: str, concurrency: int, requests: int
+) -> float:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = routing_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_request(deployment)
+        metadata = (("x-api-key", key),)
+
+        async def call() -> None:
+            reply = await stub.Predict(request, metadata=metadata)
+            assert len(reply.raw_output_contents[0]) == BATCH.shape[0] * 3 * 4
+
+        return await drive(concurrency, requests, call)
+
+
+async def rest_predict_round(
+    port: int, key: str, deployment: str, concurrency: int, requests: int
+) -> float:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        url = f"http://127.0.0.1:{port}/v1/{deployment}:predict"
+        headers = {"x-api-key": key, "content-type": "application/json"}
+        body = predict_body()
+
+        async def call() -> None:
+            async with http.post(url, data=body, headers=headers) as reply:
+                payload = await reply.read()
+                assert reply.status == 200, (reply.status, payload[:200])
+                assert json.loads(payload)["rawOutputContents"], payload[:200]
+
+        return await drive(concurrency, requests, call)
+
+
+async def predict_throughput(
+    ports: dict[str, int], key: str, concurrencies: list[int], requests: int, rounds: int
+) -> dict[int, tuple[float, float]]:
+    metadata = (("x-api-key", key),)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports['registry']}") as registry,
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports['routing']}") as routing,
+    ):
+        registry_stub = registry_pb2_grpc.RegistryServiceStub(registry)
+        version = await register_onnx(registry_stub, "bench-mlp", mlp_onnx(), metadata)
+        routing_stub = routing_pb2_grpc.RoutingServiceStub(routing)
+        deployment = await deploy_ready(routing_stub, "bench-mlp", version, metadata)
+    results = {}
+    for concurrency in concurrencies:
+        grpc_rps, rest_rps = [], []
+        for _ in range(rounds):
+            grpc_rps.append(
+                await grpc_predict_round(ports["routing"], key, deployment, concurrency, requests)
+            )
+            rest_rps.append(
+                await rest_predict_round(ports["gateway"], key, deployment, concurrency, requests)
+            )
+        results[concurrency] = (statistics.median(grpc_rps), statistics.median(rest_rps))
+    return results
+
+
 async def rest_vs_grpc(
     home: Path, db_url: str, key: str, concurrency: int, requests: int, rounds: int
-) -> dict[str, tuple[float, float]]:
+) -> tuple[dict[str, tuple[float, float]], dict[int, tuple[float, float]]]:
     processes, ports = start_processes(home, db_url)
     try:
         await wait_ready(ports, key)
@@ -246,7 +364,8 @@ async def rest_vs_grpc(
                     await rest_round(ports["gateway"], key, case, concurrency, requests)
                 )
             results[case] = (statistics.median(grpc_rps), statistics.median(rest_rps))
-        return results
+        predict = await predict_throughput(ports, key, PREDICT_CONCURRENCY, requests, rounds)
+        return results, predict
     finally:
         for process in reversed(processes):
             process.terminate()
@@ -267,7 +386,7 @@ async def main_async(args: argparse.Namespace) -> str:
             db_url, key, 200 if quick else 2_000, 1 if quick else 5
         )
         concurrency = 32
-        throughput = await rest_vs_grpc(
+        throughput, predict = await rest_vs_grpc(
             home, db_url, key, concurrency, 500 if quick else 5_000, 1 if quick else 3
         )
     base = hook["AllowAll (auth off)"]
@@ -293,6 +412,14 @@ async def main_async(args: argparse.Namespace) -> str:
         "| RPC | gRPC direct requests/s | REST via gateway requests/s | REST / gRPC |",
         "|---|---|---|---|",
         *(f"| {case} | {g:.0f} | {r:.0f} | {r / g:.2f} |" for case, (g, r) in throughput.items()),
+        "",
+        "Predict, REST through the built-in gateway vs gRPC on the routing service, auth on:"
+        f" ONNX MLP 8-16-3 on the in-process ONNX Runtime backend, batch {BATCH.shape[0]},"
+        " goal REST / gRPC >= 0.70:",
+        "",
+        "| concurrency | gRPC Predict requests/s | REST :predict requests/s | REST / gRPC |",
+        "|---|---|---|---|",
+        *(f"| {c} | {g:.0f} | {r:.0f} | {r / g:.2f} |" for c, (g, r) in predict.items()),
         "",
     ]
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """The Node.js client (clients/typescript/test/stack.test.ts over the code buf.gen.yaml
 generates, compiled by tsc, run by Node 20) calls the secured services over gRPC with an API
-key: lists datasets, reads a model version, and is refused without a key."""
+key: lists datasets, reads a model version, runs a Predict against a deployment on the
+routing service's in-process ONNX Runtime backend (compared with the Python SDK's answer
+to 1e-6), and is refused without a key."""
 
 from __future__ import annotations
 
@@ -12,14 +14,20 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 import pytest_asyncio
 
 from aimass.common.v1 import common_pb2
 from aimass.data.v1 import data_pb2, data_pb2_grpc
 from aimass.registry.v1 import registry_pb2 as rpb
+from aimass.routing.v1 import routing_pb2_grpc
+from aimass.serving.endpoint import decode_response, encode_request
 from tests.fixtures.buf_templates import write_template
+from tests.fixtures.stack import serve_service
 from tests.gateway.conftest import key_metadata
+from tests.gateway.onnx_mlp import IN_FEATURES, deploy_ready, mlp_onnx, register_onnx
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -72,8 +80,37 @@ async def compiled(tmp_path_factory) -> Path:
     return out
 
 
-async def test_node_client_lists_datasets_and_reads_a_model_version(secured, compiled):
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def deployment(secured) -> tuple[str, str]:
+    """The routing service on the secured stack (no Triton: the in-process ONNX Runtime
+    backend) with a small MLP deployed; returns its address and the deployment's name."""
+    async with serve_service("routing", secured.settings) as (running, ctx):
+        await ctx.resources["router"].ready.wait()
+        metadata = key_metadata(secured.admin_key)
+        version = await register_onnx(secured.registry(), "node-mlp", mlp_onnx(), metadata)
+        address = f"127.0.0.1:{running.port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            routing = routing_pb2_grpc.RoutingServiceStub(channel)
+            name = await deploy_ready(routing, "node-mlp", version, metadata)
+        yield address, name
+
+
+async def python_sdk_predict(secured, address: str, deployment: str, batch: np.ndarray):
+    """The Python SDK's request and decoding (aimass.serving), sent with the admin key."""
+    request = encode_request({"input": batch})
+    request.deployment = deployment
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = routing_pb2_grpc.PredictionServiceStub(channel)
+        response = await stub.Predict(request, metadata=key_metadata(secured.admin_key))
+    return response.model_version, decode_response(response)
+
+
+async def test_node_client_lists_datasets_reads_a_model_version_and_predicts(
+    secured, compiled, deployment, tmp_path
+):
     metadata = key_metadata(secured.admin_key)
+    # Float32 values, so the JSON handed to Node holds them exactly.
+    batch = np.random.default_rng(7).normal(size=(4, IN_FEATURES)).astype(np.float32)
     data = data_pb2_grpc.DataServiceStub(secured.stack.channel("data"))
     csv = secured.settings.home / "data" / "node.csv"
     csv.parent.mkdir(parents=True, exist_ok=True)
@@ -114,10 +151,23 @@ async def test_node_client_lists_datasets_and_reads_a_model_version(secured, com
         "AIMASS_EXPECT_DATASET": "datasets/for-node",
         "AIMASS_EXPECT_VERSION": version.name,
         "AIMASS_EXPECT_SHA256": digest,
+        "AIMASS_ROUTING_ADDRESS": deployment[0],
+        "AIMASS_PREDICT_DEPLOYMENT": deployment[1],
+        "AIMASS_PREDICT_INPUT": json.dumps(batch.tolist()),
+        "AIMASS_PREDICT_OUT": str(tmp_path / "node-predict.json"),
     }
     code, output = await _run("node", "--test", str(compiled / "test" / "stack.test.js"), env=env)
     assert code == 0, output
-    assert "# pass 4" in output, output
+    assert "# pass 5" in output, output
+    node = json.loads((tmp_path / "node-predict.json").read_text())
+    python_version, python_outputs = await python_sdk_predict(
+        secured, deployment[0], deployment[1], batch
+    )
+    assert node["modelVersion"] == python_version == "models/node-mlp/versions/1"
+    assert node["name"] == "logits"
+    node_logits = np.asarray(node["values"], np.float32).reshape(node["shape"])
+    assert node_logits.shape == python_outputs["logits"].shape == (len(batch), 3)
+    np.testing.assert_allclose(node_logits, python_outputs["logits"], rtol=0, atol=1e-6)
 
 
 async def test_node_event_subscriber_replays_from_a_point_in_time(secured, compiled):
