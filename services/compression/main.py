@@ -22,6 +22,7 @@ async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
     """The compression service over the database, artifact store, event bus and other services."""
     database = ctx.database()
     bus = await ctx.event_bus()
+    await ctx.watch_job_queues("compression")
     runner, sources = await open_runner(ctx)
     worker = JobWorker(bus, runner)
     await worker.start()

@@ -24,6 +24,7 @@ from aimass.compression.v1 import compression_pb2 as pb
 from aimass.core.db import models as m
 from aimass.core.db.base import utcnow
 from aimass.core.errors import InvalidArgument, NotFound
+from aimass.core.metrics import count_job_end
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 JOB_INPUT_FIELDS = ("parent_version", "recipe", "evaluate", "target_model", "labels")
@@ -177,6 +178,7 @@ def set_state(row: m.CompressionJob, state: str, reason: str = "") -> None:
         row.attempt = (row.attempt or 0) + 1
     if state in TERMINAL:
         row.end_time = now
+        count_job_end(row, "compression", state)
 
 
 def set_progress(row: m.CompressionJob, completed: int, total: int) -> None:

@@ -19,12 +19,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from sqlalchemy import event
+from sqlalchemy.orm import object_session
 
 if TYPE_CHECKING:
     from aimass.core.events import EventBus
@@ -83,6 +85,24 @@ def split_method(full_method: str) -> tuple[str, str]:
     """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
     service, _, method = full_method.lstrip("/").partition("/")
     return service, method
+
+
+def count_job_end(row: Any, kind: str, state: str) -> None:
+    """Counts a job's final state (and its duration, from ``row.start_time`` to
+    ``row.end_time``) once the transaction that wrote it commits: an end that is rolled
+    back is never counted."""
+    start, end = getattr(row, "start_time", None), getattr(row, "end_time", None)
+    seconds = (end - start).total_seconds() if start and end else None
+    session = object_session(row)
+    if session is None:
+        record_job_finished(kind, state, seconds)
+        return
+    event.listen(
+        session,
+        "after_commit",
+        lambda _session: record_job_finished(kind, state, seconds),
+        once=True,
+    )
 
 
 def record_job_finished(kind: str, state: str, seconds: float | None) -> None:

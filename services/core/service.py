@@ -10,6 +10,7 @@ reverse order. Services never import each other; they talk gRPC or events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +27,7 @@ from aimass.core.db.migrate import check_at_head
 from aimass.core.errors import AimassError
 from aimass.core.events import EventBus, OutboxRelay
 from aimass.core.logging import configure_logging
-from aimass.core.metrics import serve_metrics
+from aimass.core.metrics import serve_metrics, watch_queue_depths
 from aimass.core.server import GrpcService, RunningServer, create_server, serve_until_signal
 from aimass.core.settings import Settings, SettingsError, load_settings
 from aimass.core.telemetry import configure_tracing
@@ -106,6 +107,18 @@ class ServiceContext:
             return
         self.resources["metrics"] = stop
         self.on_close(lambda: asyncio.to_thread(stop))
+
+    async def watch_job_queues(self, *kinds: str) -> None:
+        """Keeps ``aimass_job_queue_pending`` current for the job kinds this service runs."""
+        bus = await self.event_bus()
+        task = asyncio.create_task(watch_queue_depths(bus, kinds), name="queue-depths")
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self.on_close(stop)
 
     def notify_outbox(self) -> None:
         """Wakes the outbox relay right after a commit that wrote events (safe from any thread)."""

@@ -38,6 +38,7 @@ from aimass.core.db.base import utcnow
 from aimass.core.db.engine import Database
 from aimass.core.errors import AimassError, InvalidArgument
 from aimass.core.events.outbox import add_event
+from aimass.core.metrics import count_job_end
 from aimass.core.settings import Settings
 from aimass.data import config as cfg
 from aimass.data import converters, sources, splitter
@@ -335,6 +336,7 @@ class Ingestor:
         job.state = state
         job.reason = reason
         job.end_time = utcnow()
+        count_job_end(job, "ingest", state)
         job.progress = 1.0 if state == "SUCCEEDED" else job.progress
         st.add_job_event(session, job)
 
@@ -386,6 +388,7 @@ def record_failure(session: Any, job: m.IngestJob, reason: str, state: str) -> N
     job.state = state
     job.reason = reason
     job.end_time = utcnow()
+    count_job_end(job, "ingest", state)
     st.add_job_event(session, job)
     add_event(
         session,

@@ -19,6 +19,7 @@ async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
     artifacts = await ctx.artifacts()
     # Also starts the outbox relay: ready/failed events leave through the outbox.
     bus = await ctx.event_bus()
+    await ctx.watch_job_queues("ingest")
     servicer = DataServicer(
         database, artifacts, ctx.settings, ctx.notify_outbox, bus, ctx.channels()
     )

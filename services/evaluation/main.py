@@ -28,6 +28,7 @@ async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
     database = ctx.database()
     artifacts = await ctx.artifacts()
     bus = await ctx.event_bus()
+    await ctx.watch_job_queues("evaluation")
     sources = Sources(ctx.channels(), ctx.settings.home / "cache" / "evaluation" / "models")
     runner = Runner(database, artifacts, sources, ctx.notify_outbox)
     worker = JobWorker(bus, runner)

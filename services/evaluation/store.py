@@ -23,6 +23,7 @@ from aimass.common.v1 import common_pb2
 from aimass.core.db import models as m
 from aimass.core.db.base import utcnow
 from aimass.core.errors import InvalidArgument, NotFound
+from aimass.core.metrics import count_job_end
 from aimass.evaluation.v1 import evaluation_pb2 as pb
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -192,6 +193,7 @@ def set_state(row: JobRow, state: str, reason: str = "") -> None:
         row.config = {**row.config, "attempt": int(row.config.get("attempt", 0)) + 1}
     if state in TERMINAL:
         row.end_time = now
+        count_job_end(row, "benchmark" if isinstance(row, m.Benchmark) else "evaluation", state)
 
 
 def set_progress(row: JobRow, completed: int, total: int, unit: str) -> None:

@@ -21,6 +21,7 @@ async def build(ctx: ServiceContext) -> Sequence[GrpcService]:
     store = TrainingStore(ctx.database())
     # Opened for its outbox relay: jobs are enqueued and events published through it.
     await ctx.event_bus()
+    await ctx.watch_job_queues("training")
     servicer = TrainingServicer(
         store,
         data_channel=lambda: ctx.channels().get("data"),

@@ -28,6 +28,7 @@ from aimass.core.db.models import JobEvent, TrainingJob, Worker
 from aimass.core.db.pagination import paginate
 from aimass.core.errors import Aborted, InvalidArgument, NotFound
 from aimass.core.events import add_event
+from aimass.core.metrics import count_job_end
 from aimass.core.protodict import message_from_dict, message_to_dict
 from aimass.events.v1 import events_pb2
 from aimass.training.v1 import training_pb2 as tpb
@@ -500,6 +501,7 @@ class TrainingStore:
             self._check_attempt(row, attempt)
             self._release_worker(session, row.worker)
             row.state, row.reason, row.end_time = state, reason, utcnow()
+            count_job_end(row, "training", state)
             row.worker = ""
             if metrics is not None:
                 row.metrics = {k: float(v) for k, v in metrics.items()}
