@@ -3,6 +3,8 @@ complete, and the issue's alerts (error rate, backlog, down, job failures) exist
 
 from __future__ import annotations
 
+import re
+
 import promql_parser
 import pytest
 import yaml
@@ -39,8 +41,35 @@ def test_the_issue_alerts_are_present():
     assert "grpc_server_handled_total" in exprs["AimassHighErrorRate"]
     assert 'stream_name="AIMASS_JOBS"' in exprs["AimassJobQueueBacklog"]
     assert "up{" in exprs["AimassServiceDown"]
-    assert 'aimass_jobs_total{state="failed"}' in exprs["AimassJobFailures"]
+    assert 'aimass_jobs_total{state="FAILED"}' in exprs["AimassJobFailures"]
     assert "up{" in exprs["TritonDown"]
+
+
+def test_aimass_metrics_in_alerts_are_the_ones_the_services_export():
+    from prometheus_client import REGISTRY
+
+    from aimass.core import metrics  # noqa: F401 - registers the metrics
+
+    exported = {s.name for family in REGISTRY.collect() for s in family.samples} | {
+        family.name for family in REGISTRY.collect()
+    }
+    used = {
+        name
+        for rule in RULES
+        for name in re.findall(r"\b(aimass_[a-z_]+|grpc_server_[a-z_]+)", rule["expr"])
+    }
+    assert used, "no aimass metric in the alert rules"
+    # A metric with no sample yet exports only its family name: compare on both.
+    suffixes = ("_total", "_bucket", "_count", "_sum")
+    missing = {
+        name
+        for name in used
+        if name not in exported
+        and not any(name.removesuffix(suffix) in exported for suffix in suffixes)
+    }
+    assert not missing
+    for state in re.findall(r"aimass_jobs_total\{[^}]*state=~?\"([^\"]+)\"", str(RULES)):
+        assert set(state.split("|")) <= {"SUCCEEDED", "FAILED", "CANCELLED"}, state
 
 
 def test_alerts_name_scrape_jobs_that_prometheus_has():
