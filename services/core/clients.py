@@ -84,6 +84,17 @@ class _StreamUnaryMetadata(_MetadataInterceptor, aio.StreamUnaryClientIntercepto
     pass
 
 
+def metadata_interceptors(
+    credentials: Callable[[], Mapping[str, str]] | None = None,
+) -> list[aio.ClientInterceptor]:
+    """Interceptors that send the trace context and ``credentials()`` with every call.
+
+    grpc.aio applies an interceptor to one call kind only, so there is one per kind.
+    """
+    kinds = (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata)
+    return [kind(credentials) for kind in kinds]
+
+
 def open_channel(
     address: str,
     settings: Settings,
@@ -91,12 +102,7 @@ def open_channel(
 ) -> aio.Channel:
     """One insecure ``grpc.aio`` channel to ``address`` with the internal interceptor."""
     return aio.insecure_channel(
-        address,
-        options=channel_options(settings),
-        interceptors=[
-            kind(credentials)
-            for kind in (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata)
-        ],
+        address, options=channel_options(settings), interceptors=metadata_interceptors(credentials)
     )
 
 

@@ -23,7 +23,7 @@ from aimass.common.v1 import common_pb2
 from aimass.data.v1 import data_pb2, data_pb2_grpc
 from aimass.registry.v1 import registry_pb2 as rpb
 from aimass.routing.v1 import routing_pb2_grpc
-from aimass.serving.endpoint import decode_response, encode_request
+from aimass.serving.endpoint import Endpoint
 from tests.fixtures.buf_templates import write_template
 from tests.fixtures.stack import serve_service
 from tests.gateway.conftest import key_metadata
@@ -96,13 +96,12 @@ async def deployment(secured) -> tuple[str, str]:
 
 
 async def python_sdk_predict(secured, address: str, deployment: str, batch: np.ndarray):
-    """The Python SDK's request and decoding (aimass.serving), sent with the admin key."""
-    request = encode_request({"input": batch})
-    request.deployment = deployment
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = routing_pb2_grpc.PredictionServiceStub(channel)
-        response = await stub.Predict(request, metadata=key_metadata(secured.admin_key))
-    return response.model_version, decode_response(response)
+    """The Python SDK's Endpoint with the admin key (no Triton here: it goes through the
+    router, which checks the key)."""
+    async with Endpoint(address, deployment, api_key=secured.admin_key) as endpoint:
+        prediction = await endpoint.predict({"input": batch})
+    assert endpoint.router_calls == 1
+    return prediction.model_version, prediction.outputs
 
 
 async def test_node_client_lists_datasets_reads_a_model_version_and_predicts(

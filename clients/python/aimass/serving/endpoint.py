@@ -21,6 +21,7 @@ import asyncio
 import bisect
 import contextlib
 import hashlib
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ import grpc
 import numpy as np
 
 from aimass.common.v1 import common_pb2
+from aimass.core.clients import metadata_interceptors
 from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.v1 import routing_pb2_grpc
 
@@ -160,7 +162,10 @@ class Endpoint:
         *,
         max_message_mb: int = 64,
         first_table_timeout_s: float = 5.0,
+        api_key: str | None = None,
     ) -> None:
+        """``api_key`` (default: AIMASS_API_KEY) goes with every call to the routing service;
+        Triton, called directly, takes none."""
         self.deployment = (
             deployment if deployment.startswith("deployments/") else f"deployments/{deployment}"
         )
@@ -169,7 +174,11 @@ class Endpoint:
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
         ]
-        self._router_channel = grpc.aio.insecure_channel(routing_address, options=self._options)
+        key = api_key if api_key is not None else os.environ.get("AIMASS_API_KEY", "")
+        credentials = (lambda: {"x-api-key": key}) if key else None
+        self._router_channel = grpc.aio.insecure_channel(
+            routing_address, options=self._options, interceptors=metadata_interceptors(credentials)
+        )
         self._routing = routing_pb2_grpc.RoutingServiceStub(self._router_channel)
         self._prediction = routing_pb2_grpc.PredictionServiceStub(self._router_channel)
         self._routes: _Routes | None = None
