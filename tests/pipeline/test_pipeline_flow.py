@@ -47,5 +47,12 @@ async def test_run_goes_from_ingest_to_predict(env: Env, nats_url: str, tmp_path
         await events.wait_for(lambda e: any(x.topic.endswith("run.succeeded") for x in e))
         started = [e.payload for e in events.of("aimass.pipeline.stage.started")]
         assert len(started) == 7
-        # The Watch stream showed the stages moving one after the other.
-        assert len(seen) >= 7
+        # The Watch stream showed the stages moving one after the other (snapshots may
+        # coalesce several changes on a busy machine, but never go backwards).
+        done = [
+            sum(stage.state == pb.STAGE_STATE_SUCCEEDED for stage in snapshot.stages)
+            for snapshot in seen
+        ]
+        assert len(seen) >= 2
+        assert done == sorted(done)
+        assert done[-1] == 7

@@ -5,8 +5,9 @@ outcome from the policy as docs/access.md states it, written out again here rath
 read from aimass.core.auth.roles, so a wrong table in the code cannot agree with itself:
 a google.api.http ``get`` is a read, any other verb a write, ``Predict*`` is predict,
 deployment metadata / health and route tables are read-or-predict, the access package is
-manage except LookupCallerIdentity (anyone authenticated), and a method without an HTTP
-rule is admin-only. Each call carries an empty request: PERMISSION_DENIED and
+manage except LookupCallerIdentity (anyone authenticated), so are the training workers'
+claim/report/complete/register RPCs, and a method without an HTTP rule is admin-only.
+Each call carries an empty request: PERMISSION_DENIED and
 UNAUTHENTICATED mean auth stopped it, any other outcome (INVALID_ARGUMENT, NOT_FOUND, OK...)
 means auth let it through to the servicer.
 """
@@ -67,10 +68,21 @@ def all_rpcs() -> list[Rpc]:
     return rpcs
 
 
+# What training workers call to run jobs (docs/access.md): admin or the internal token.
+TRAINING_WORKER_RPCS = {
+    "ClaimTrainingJob",
+    "ReportTrainingJobProgress",
+    "CompleteTrainingJob",
+    "RegisterWorker",
+}
+
+
 def accepted_permissions(rpc: Rpc) -> set[str] | None:
     """The permissions docs/access.md says admit the call; None: any authenticated caller."""
     if rpc.service.full_name.startswith("aimass.access."):
         return None if rpc.method.name == "LookupCallerIdentity" else {"manage"}
+    if rpc.method.name in TRAINING_WORKER_RPCS:
+        return {"manage"}
     if rpc.method.name.startswith("Predict"):
         return {"predict"}
     if rpc.method.name in PREDICT_SIDE_READS:
