@@ -149,6 +149,8 @@ def start_stack(home: Path) -> Stack:
     env, ports = stack_env(home)
     stack = Stack(home=home, env=env, ports=ports)
     result = aimass("up", "--detach", "--timeout", "90", env=env)
+    if result.returncode != 0:
+        aimass("down", env=env)  # whatever did start must not outlive the test
     assert result.returncode == 0, result.stderr + result.stdout
     return stack
 
