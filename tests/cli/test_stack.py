@@ -148,9 +148,13 @@ def pid_alive(pid: int) -> bool:
 def start_stack(home: Path) -> Stack:
     env, ports = stack_env(home)
     stack = Stack(home=home, env=env, ports=ports)
-    result = aimass("up", "--detach", "--timeout", "90", env=env)
-    if result.returncode != 0:
+    try:
+        result = aimass("up", "--detach", "--timeout", "90", env=env)
+    except subprocess.TimeoutExpired:
         aimass("down", env=env)  # whatever did start must not outlive the test
+        raise
+    if result.returncode != 0:
+        aimass("down", env=env)
     assert result.returncode == 0, result.stderr + result.stdout
     return stack
 
