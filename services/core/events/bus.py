@@ -54,7 +54,12 @@ if TYPE_CHECKING:
     from aimass.core.events.jobs import JobQueue
 
 logger = logging.getLogger(__name__)
-_tracer = trace.get_tracer("aimass.core.events")
+
+
+def _tracer() -> trace.Tracer:
+    # Looked up per use, not bound at import: the process's provider may be set later.
+    return trace.get_tracer("aimass.core.events")
+
 
 Handler = Callable[[Envelope], Awaitable[object]]
 
@@ -281,7 +286,7 @@ class EventBus:
     ) -> api.PubAck:
         """Publishes serialized bytes with ``Nats-Msg-Id`` = ``msg_id``; raises Unavailable."""
         parent = extract_context(trace_headers) if trace_headers is not None else None
-        with _tracer.start_as_current_span(
+        with _tracer().start_as_current_span(
             f"{topic} publish", context=parent, kind=trace.SpanKind.PRODUCER
         ) as span:
             span.set_attribute("messaging.system", "nats")
@@ -521,7 +526,7 @@ class Subscription:
             return
         token = otel_context.attach(extract_context(message.headers))
         try:
-            with _tracer.start_as_current_span(
+            with _tracer().start_as_current_span(
                 f"{message.subject} process", kind=trace.SpanKind.CONSUMER
             ) as span:
                 span.set_attribute("messaging.system", "nats")

@@ -47,7 +47,11 @@ if TYPE_CHECKING:
     from aimass.core.events.bus import EventBus
 
 logger = logging.getLogger(__name__)
-_tracer = trace.get_tracer("aimass.core.events.jobs")
+
+
+def _tracer() -> trace.Tracer:
+    # Looked up per use, not bound at import: the process's provider may be set later.
+    return trace.get_tracer("aimass.core.events.jobs")
 
 
 def job_topic(kind: str) -> str:
@@ -106,7 +110,7 @@ class Job:
         interval = interval_s if interval_s is not None else self.ack_wait_s / 3
         task = asyncio.create_task(self._heartbeat(interval), name=f"heartbeat-{self.name}")
         try:
-            with _tracer.start_as_current_span(
+            with _tracer().start_as_current_span(
                 f"{self.kind} job",
                 context=extract_context(self.message.headers or {}),
                 kind=trace.SpanKind.CONSUMER,
