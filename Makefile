@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo    start the embedded stack, run the pipeline, print what happened"
 	@echo "make test    run the whole test suite (real NATS, PostgreSQL, S3 server, Triton)"
-	@echo "make bench   run every benchmark, tables into docs/benchmarks/"
+	@echo "make bench   run every benchmark: tables, JSON and PNG plots into docs/benchmarks/"
 	@echo "make lint    ruff, buf lint and the dependency audit (make audit, pip-audit)"
 	@echo "make protos  regenerate the Python code of protos/ into gen/python"
 
@@ -54,7 +54,8 @@ test: $(INSTALL_STAMP) $(BUF)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-# Every tests/bench/bench_*.py writes its markdown table into docs/benchmarks/.
+# Every tests/bench/bench_*.py writes its markdown table (some also JSON) into
+# docs/benchmarks/; report.py draws the PNG plots and writes docs/benchmarks.md.
 # BENCH_ARGS (for example --quick) is passed to each script.
 BENCH_ARGS ?=
 bench: $(INSTALL_STAMP)

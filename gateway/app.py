@@ -32,7 +32,13 @@ from aimass.core.settings import Settings
 from aimass.gateway.descriptors import Descriptors
 from aimass.gateway.openapi import openapi_document
 from aimass.gateway.routes import Route, Router, routes_of
-from aimass.gateway.transcode import HTTP_STATUS_OF_GRPC, BadRequest, build_request, response_json
+from aimass.gateway.transcode import (
+    HTTP_STATUS_OF_GRPC,
+    BadRequest,
+    build_request,
+    dumps,
+    response_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,8 @@ class Gateway:
         self.max_body_bytes = max_body_bytes or settings.max_message_mb * 1024 * 1024
         self.unary_timeout_s = unary_timeout_s
         self._channels: dict[str, aio.Channel] = {}
+        # gRPC method -> its multicallable on the pooled channel, made once, not per request.
+        self._unary_calls: dict[str, aio.UnaryUnaryMultiCallable] = {}
         self._openapi: bytes | None = None
 
     # ---- the application ----------------------------------------------------------------
@@ -88,6 +96,7 @@ class Gateway:
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
+        self._unary_calls = {}
         for channel in channels:
             await channel.close()
 
@@ -153,6 +162,13 @@ class Gateway:
             return await self._stream(request, route, message.SerializeToString(), metadata)
         return await self._unary(route, message.SerializeToString(), metadata)
 
+    def _unary_call(self, route: Route) -> aio.UnaryUnaryMultiCallable:
+        call = self._unary_calls.get(route.grpc_method)
+        if call is None:
+            call = self.channel(route.package).unary_unary(route.grpc_method)
+            self._unary_calls[route.grpc_method] = call
+        return call
+
     async def _unary(
         self, route: Route, payload: bytes, metadata: tuple[tuple[str, str], ...]
     ) -> web.Response:
@@ -162,14 +178,14 @@ class Gateway:
                 call = channel.stream_unary(route.grpc_method)
                 reply = await call(_one(payload), metadata=metadata, timeout=self.unary_timeout_s)
             else:
-                call = channel.unary_unary(route.grpc_method)
+                call = self._unary_call(route)
                 reply = await call(payload, metadata=metadata, timeout=self.unary_timeout_s)
         except aio.AioRpcError as err:
             return self._rpc_error(route, err)
         output = self.descriptors.message_class(route.method.output_type.full_name)
         document = response_json(route, output.FromString(reply), self.descriptors.pool)
         return web.Response(
-            body=json.dumps(document).encode(),
+            body=dumps(document),
             content_type=JSON,
             headers={"x-aimass-rpc": route.grpc_method},
         )
@@ -191,12 +207,12 @@ class Gateway:
                 if response is None:
                     response = await self._start_stream(request, route)
                 line = response_json(route, output.FromString(reply), self.descriptors.pool)
-                await response.write(json.dumps(line).encode() + b"\n")
+                await response.write(dumps(line) + b"\n")
         except aio.AioRpcError as err:
             if response is None:
                 return self._rpc_error(route, err)
             # Headers are gone: the error becomes the stream's last line.
-            await response.write(json.dumps({"error": self._status_document(err)}).encode() + b"\n")
+            await response.write(dumps({"error": self._status_document(err)}) + b"\n")
         except (ConnectionResetError, OSError):
             call.cancel()
             raise

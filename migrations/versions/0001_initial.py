@@ -220,6 +220,34 @@ def upgrade() -> None:
     op.create_index(op.f("ix_pipeline_runs_state"), "pipeline_runs", ["state"])
     op.create_index(op.f("ix_pipeline_runs_waiting_on"), "pipeline_runs", ["waiting_on"])
     op.create_table(
+        "pipeline_schedules",
+        sa.Column("id", SEQ, autoincrement=True, nullable=False),
+        sa.Column("name", sa.String(length=63), nullable=False),
+        sa.Column("description", sa.Text(), nullable=False),
+        sa.Column("project", sa.String(length=63), nullable=False),
+        sa.Column("creator", sa.String(length=200), nullable=False),
+        sa.Column("labels", JSON, nullable=False),
+        sa.Column("spec", JSON, nullable=False),
+        sa.Column("cron", sa.String(length=200), nullable=False),
+        sa.Column("time_zone", sa.String(length=64), nullable=False),
+        sa.Column("state", sa.String(length=32), nullable=False),
+        sa.Column("next_run_time", UTC_DATETIME, nullable=True),
+        sa.Column("last_run", sa.String(length=300), nullable=False),
+        sa.Column("last_run_time", UTC_DATETIME, nullable=True),
+        sa.Column("run_count", sa.Integer(), nullable=False),
+        sa.Column("create_time", UTC_DATETIME, nullable=False),
+        sa.Column("update_time", UTC_DATETIME, nullable=False),
+        sa.Column("etag", sa.String(length=32), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_pipeline_schedules")),
+        sa.UniqueConstraint("name", name=op.f("uq_pipeline_schedules_name")),
+    )
+    op.create_index("ix_pipeline_schedules_create_time", "pipeline_schedules", ["create_time"])
+    op.create_index(
+        op.f("ix_pipeline_schedules_next_run_time"), "pipeline_schedules", ["next_run_time"]
+    )
+    op.create_index(op.f("ix_pipeline_schedules_project"), "pipeline_schedules", ["project"])
+    op.create_index(op.f("ix_pipeline_schedules_state"), "pipeline_schedules", ["state"])
+    op.create_table(
         "processed_events",
         sa.Column("consumer", sa.String(length=100), nullable=False),
         sa.Column("event_id", sa.String(length=36), nullable=False),
@@ -267,6 +295,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=63), nullable=False),
         sa.Column("deployment", sa.String(length=300), nullable=False),
         sa.Column("description", sa.Text(), nullable=False),
+        sa.Column("project", sa.String(length=63), nullable=False),
         sa.Column("labels", JSON, nullable=False),
         sa.Column("config", JSON, nullable=False),
         sa.Column("paused", sa.Boolean(), nullable=False),
@@ -282,6 +311,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_monitors_deployment"), "monitors", ["deployment"])
     op.create_index(op.f("ix_monitors_next_run_time"), "monitors", ["next_run_time"])
+    op.create_index(op.f("ix_monitors_project"), "monitors", ["project"])
 
     op.create_table(
         "monitor_alerts",
@@ -322,30 +352,6 @@ def upgrade() -> None:
     op.create_index(
         "ix_monitored_batches_deployment_end", "monitored_batches", ["deployment", "end_time"]
     )
-
-    op.create_table(
-        "schedules",
-        sa.Column("id", SEQ, autoincrement=True, nullable=False),
-        sa.Column("name", sa.String(length=63), nullable=False),
-        sa.Column("description", sa.Text(), nullable=False),
-        sa.Column("project", sa.String(length=63), nullable=False),
-        sa.Column("cron", sa.String(length=100), nullable=False),
-        sa.Column("time_zone", sa.String(length=64), nullable=False),
-        sa.Column("target", sa.String(length=40), nullable=False),
-        sa.Column("template", JSON, nullable=False),
-        sa.Column("enabled", sa.Boolean(), nullable=False),
-        sa.Column("next_run_time", UTC_DATETIME, nullable=True),
-        sa.Column("last_run_time", UTC_DATETIME, nullable=True),
-        sa.Column("last_run_job", sa.String(length=300), nullable=False),
-        sa.Column("creator", sa.String(length=200), nullable=False),
-        sa.Column("create_time", UTC_DATETIME, nullable=False),
-        sa.Column("update_time", UTC_DATETIME, nullable=False),
-        sa.Column("etag", sa.String(length=32), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_schedules")),
-        sa.UniqueConstraint("name", name=op.f("uq_schedules_name")),
-    )
-    op.create_index(op.f("ix_schedules_next_run_time"), "schedules", ["next_run_time"])
-    op.create_index(op.f("ix_schedules_project"), "schedules", ["project"])
 
     op.create_table(
         "training_jobs",
@@ -839,8 +845,8 @@ def downgrade() -> None:
     op.drop_table("webhooks")
     op.drop_table("uploads")
     op.drop_table("training_jobs")
-    op.drop_table("schedules")
     op.drop_table("registered_models")
+    op.drop_table("pipeline_schedules")
     op.drop_table("pipeline_runs")
     op.drop_table("processed_events")
     op.drop_table("outbox_events")

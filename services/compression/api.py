@@ -28,6 +28,7 @@ from aimass.compression.sources import Sources, require_onnx, version_config
 from aimass.compression.v1 import compression_pb2 as pb
 from aimass.compression.v1 import compression_pb2_grpc
 from aimass.core import nn as ann
+from aimass.core.auth import scope
 from aimass.core.db import models as m
 from aimass.core.db.engine import Database
 from aimass.core.db.pagination import paginate
@@ -78,9 +79,10 @@ def check_recipe(recipe: pb.Recipe, field: str) -> None:
     if recipe.HasField("accuracy_budget"):
         _at_least(recipe.accuracy_budget.max_drop, 0, f"{field}.accuracy_budget.max_drop")
         metric = recipe.accuracy_budget.metric
-        if metric and metric not in ("accuracy", "mse", "mae"):
+        if metric and metric not in ("accuracy", "mse", "mae", "cosine"):
             raise InvalidArgument(
-                f"{field}.accuracy_budget.metric", f"{metric!r} is not one of accuracy, mse, mae"
+                f"{field}.accuracy_budget.metric",
+                f"{metric!r} is not one of accuracy, mse, mae, cosine",
             )
     st.check_dataset_version(
         recipe.evaluation_dataset_version, f"{field}.evaluation_dataset_version"
@@ -190,6 +192,8 @@ class CompressionServicer(compression_pb2_grpc.CompressionServiceServicer):
                 )
             dataset = await self.sources.dataset_version(dataset_name)
             split = s.calibration_split or common_pb2.DATASET_SPLIT_TRAIN
+            if split not in common_pb2.DatasetSplit.values():  # proto3 enums are open
+                raise InvalidArgument(f"{path}.calibration_split", f"unknown value {split}")
             rows = next((x.row_count for x in dataset.splits if x.split == split), 0)
             if rows == 0:
                 name = common_pb2.DatasetSplit.Name(split).removeprefix("DATASET_SPLIT_").lower()
@@ -203,7 +207,12 @@ class CompressionServicer(compression_pb2_grpc.CompressionServiceServicer):
             row = session.scalar(
                 select(m.CompressionJob).where(m.CompressionJob.request_id == request_id)
             )
-            return st.job_to_proto(row) if row is not None else None
+            if row is None:
+                return None
+            # Request ids are unique across projects: another project's job answers
+            # NotFound, never the job itself.
+            scope.check_visible(row.project, f"request_id {request_id!r}")
+            return st.job_to_proto(row)
 
     async def CreateCompressionJob(
         self, request: pb.CreateCompressionJobRequest, context: Context
@@ -244,7 +253,8 @@ class CompressionServicer(compression_pb2_grpc.CompressionServiceServicer):
         def page() -> tuple[list[pb.CompressionJob], str]:
             with self.database.session(read_only=True) as session:
                 rows, token = paginate(
-                    session, select(J).where(*clauses), [J.create_time.desc(), J.id.desc()],
+                    session, select(J).where(*clauses, *scope.project_filter(J.project)),
+                    [J.create_time.desc(), J.id.desc()],
                     request.page_size, request.page_token,
                 )  # fmt: skip
                 return [st.job_to_proto(r) for r in rows], token
@@ -458,6 +468,7 @@ def create_job(
             method=st.method_summary(job.recipe), config=config, state="QUEUED",
             creator=creator, request_id=request_id or None,
             policy_id=policy.id if policy is not None else None,
+            project=policy.project if policy is not None else scope.caller_project(),
         )  # fmt: skip
         session.add(row)
         session.flush()

@@ -140,6 +140,11 @@ def quantize_dynamic(
             reduce_range=reduce_range,
             weight_type=_quant_type(weight_type),
             op_types_to_quantize=list(op_types_to_quantize) or None,
+            # A graph ORT already optimized offline holds contrib operators (FusedGemm...)
+            # whose outputs shape inference leaves untyped: they are float, so say so
+            # instead of failing; those fused operators stay in float (the recipe quantizes
+            # before the optimization when it ran the optimization itself).
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
 
 

@@ -17,6 +17,16 @@ the best APPLIED step by the selection. A step is
   tolerance;
 - OVER_BUDGET when its metric drops more than the budget allows;
 - APPLIED otherwise.
+
+A quantization step chained after a graph optimization quantizes the graph the
+optimization started from and applies the same optimization to the result: ORT's
+offline-optimized graph holds fused contrib operators (``com.microsoft.FusedGemm``...)
+whose outputs ONNX shape inference cannot type, so onnxruntime's quantizer stops
+("Unable to find data type for weight_name=...") or leaves the fused layers in float.
+
+Unlabelled models (sentence embeddings): with the metric ``cosine`` the check rows need no
+label; the metric is the smallest per-row cosine similarity of the model's outputs to the
+parent's (1.0 for the parent), and the budget bounds its drop.
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ DEFAULT_TOLERANCE = 0.1
 FUNCTION_PRESERVING = {"quantize_dynamic", "quantize_static", "fp16", "graph_optimize"}
 TORCH_STEPS = {"prune_unstructured", "prune_structured", "low_rank", "fine_tune", "distill"}
 LOWER_IS_BETTER = {"mse", "mae", "log_loss"}
+# Label-free metric: agreement with the parent's outputs on the check rows.
+COSINE = "cosine"
+QUANTIZE_STEPS = {"quantize_dynamic", "quantize_static"}
 
 _SCOPES = {pb.PRUNE_SCOPE_PER_LAYER: "per_layer"}
 _DIMENSIONS = {pb.PRUNE_DIMENSION_NEURONS: "neurons", pb.PRUNE_DIMENSION_CHANNELS: "channels",
@@ -86,6 +99,8 @@ class EvalData:
     task: str
     metric: str
     batch: int = 256
+    # The parent's outputs on ``feeds`` (set by run_recipe): what ``cosine`` compares with.
+    reference: np.ndarray | None = None
 
     def batches(self) -> list[dict[str, np.ndarray]]:
         rows = self.labels.shape[0]
@@ -99,7 +114,23 @@ class EvalData:
         return {k: np.ascontiguousarray(v[index]) for k, v in self.feeds.items()}
 
 
+def smallest_cosine(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """The smallest per-row cosine similarity of ``outputs`` to ``reference`` (rows flattened)."""
+    a = outputs.reshape(outputs.shape[0], -1).astype(np.float64)
+    b = reference.reshape(reference.shape[0], -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    # Two zero rows agree; one zero row against a non-zero one does not.
+    both_zero = norms == 0
+    cosine = np.where(both_zero, 1.0, (a * b).sum(axis=1) / np.where(both_zero, 1.0, norms))
+    agree = np.all(a == b, axis=1)
+    cosine = np.where(both_zero & ~agree, 0.0, cosine)
+    return float(cosine.min()) if cosine.size else float("nan")
+
+
 def metric_value(outputs: np.ndarray, data: EvalData) -> float:
+    if data.metric == COSINE:
+        assert data.reference is not None, "cosine needs the parent's outputs"
+        return smallest_cosine(outputs, data.reference)
     if data.metric == "accuracy":
         if outputs.shape[1] == 1:
             predicted = (outputs.reshape(-1) > 0).astype(np.int64)
@@ -116,6 +147,34 @@ def drop(parent: float, value: float, metric: str) -> float:
 
 
 @dataclass
+class TrainRequest:
+    """A fine-tuning or distillation run, handed to the training service by the runner."""
+
+    kind: str  # "fine_tune" (continue ``model``) or "distill" (train the student ``model``)
+    step_index: int
+    model: sx.TorchModel
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    dataset_version: str = ""  # empty: the parent's
+    # distill: the teacher is the chain's current ONNX file (or the registered parent).
+    teacher_onnx: Path | None = None
+    teacher_version: str = ""
+    teacher_parameters: int = 0
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+
+@dataclass
+class Trained:
+    model: sx.TorchModel
+    job: str  # the training job that trained it, "trainingJobs/{job}"
+
+
+Train = Callable[[TrainRequest, Callable[[], bool]], Trained]
+
+
+@dataclass
 class Inputs:
     """What a recipe runs on."""
 
@@ -123,11 +182,13 @@ class Inputs:
     torch_model: sx.TorchModel | None
     no_torch_reason: str
     evaluation: EvalData
-    # Calibration batches by (split, rows); training tensors by split. Filled by the runner.
+    # Calibration batches by (split, rows). Filled by the runner.
     calibration: Callable[[pb.QuantizeStatic], list[dict[str, np.ndarray]]]
-    training: Callable[[], sx.TrainData]
+    # Runs a fine_tune / distill step as a training job and waits for it (the runner's).
+    train: Train
     parent_learning_rate: float = 1e-3
     parent_batch_size: int = 64
+    parent_version: str = ""
 
 
 @dataclass
@@ -165,6 +226,9 @@ class _State:
     metric: float
     network: sx.TorchModel | None = None
     outputs: np.ndarray | None = None
+    # Set after a graph_optimize step: (the file it started from, its level). A quantization
+    # step quantizes that file and optimizes the result again (see the module docstring).
+    before_optimization: tuple[Path, str] | None = None
 
 
 def _export(model: sx.TorchModel, path: Path, sample: dict[str, np.ndarray]) -> Path:
@@ -175,7 +239,7 @@ def _export(model: sx.TorchModel, path: Path, sample: dict[str, np.ndarray]) -> 
 
 def _run_step(
     step: pb.CompressionStep, state: _State, inputs: Inputs, target: Path, outcome: Outcome,
-    cancelled: Callable[[], bool],
+    cancelled: Callable[[], bool], index: int,
 ) -> None:  # fmt: skip
     """Produces ``outcome.onnx_path`` (and ``torch_model`` for PyTorch steps)."""
     method = outcome.method
@@ -183,22 +247,24 @@ def _run_step(
     if method in TORCH_STEPS and state.torch_model is None:
         raise ox.StepSkipped(f"{method} needs the network in PyTorch: {state.no_torch_reason}")
     model = state.torch_model
+    source, reoptimize, quantized = state.onnx_path, "", target
+    if method in QUANTIZE_STEPS and state.before_optimization is not None:
+        source, reoptimize = state.before_optimization
+        quantized = target.with_name(f"{target.stem}-before-optimization.onnx")
     if method == "quantize_dynamic":
         s = step.quantize_dynamic
         per_channel, op_types = ox.int8_defaults(
-            state.onnx_path, s.per_channel if s.HasField("per_channel") else None,
-            s.op_types_to_quantize,
+            source, s.per_channel if s.HasField("per_channel") else None, s.op_types_to_quantize,
         )  # fmt: skip
         outcome.params = {"per_channel": per_channel, "reduce_range": s.reduce_range,
                           "weight_type": _quant(s.weight_type, "int8"),
                           "op_types_to_quantize": op_types}  # fmt: skip
-        ox.quantize_dynamic(state.onnx_path, target, **outcome.params)
+        ox.quantize_dynamic(source, quantized, **outcome.params)
     elif method == "quantize_static":
         s = step.quantize_static
         calibration = inputs.calibration(s)
         per_channel, op_types = ox.int8_defaults(
-            state.onnx_path, s.per_channel if s.HasField("per_channel") else None,
-            s.op_types_to_quantize,
+            source, s.per_channel if s.HasField("per_channel") else None, s.op_types_to_quantize,
         )  # fmt: skip
         outcome.params = {
             "method": _CALIBRATORS.get(s.calibrator, "minmax"),
@@ -210,7 +276,7 @@ def _run_step(
             "activation_type": _quant(s.activation_type, "uint8"),
             "weight_type": _quant(s.weight_type, "int8"),
         }  # fmt: skip
-        ox.quantize_static(state.onnx_path, target, calibration, **outcome.params)
+        ox.quantize_static(source, quantized, calibration, **outcome.params)
         outcome.params["calibration_rows"] = sum(
             next(iter(b.values())).shape[0] for b in calibration
         )
@@ -243,12 +309,12 @@ def _run_step(
             "learning_rate": s.learning_rate or inputs.parent_learning_rate / 10,
             "batch_size": s.batch_size or inputs.parent_batch_size,
         }
-        outcome.torch_model = sx.fine_tune(
-            model,
-            inputs.training(),
-            cancelled=cancelled,
-            **outcome.params,  # type: ignore[arg-type]
-        )
+        assert model is not None
+        request = TrainRequest("fine_tune", index, model, dataset_version=s.dataset_version,
+                               **outcome.params)  # fmt: skip
+        trained = inputs.train(request, cancelled)
+        outcome.torch_model = trained.model
+        outcome.params["training_job"] = trained.job
     elif method == "distill":
         s = step.distill
         assert model is not None
@@ -264,13 +330,22 @@ def _run_step(
             "teacher_parameters": model.parameter_count,
             "student_parameters": student.parameter_count,
         }  # fmt: skip
-        outcome.torch_model = sx.distill(
-            model, student, inputs.training(), cancelled=cancelled,
-            **{k: outcome.params[k] for k in
-               ("temperature", "alpha", "epochs", "learning_rate", "batch_size")},
+        from_parent = state.onnx_path == inputs.parent_onnx
+        request = TrainRequest(
+            "distill", index, student, outcome.params["epochs"], outcome.params["learning_rate"],
+            outcome.params["batch_size"], s.dataset_version, teacher_onnx=state.onnx_path,
+            teacher_version=inputs.parent_version if from_parent else "",
+            teacher_parameters=model.parameter_count, temperature=outcome.params["temperature"],
+            alpha=outcome.params["alpha"],
         )  # fmt: skip
+        trained = inputs.train(request, cancelled)
+        outcome.torch_model = trained.model
+        outcome.params["training_job"] = trained.job
     else:
         raise ox.StepSkipped(f"unknown method {method!r}")
+    if reoptimize:  # quantized before the chain's graph optimization: apply it again
+        ox.optimize_graph(quantized, target, level=reoptimize)
+        outcome.params["graph_optimize_after"] = reoptimize
     if outcome.torch_model is not None:
         outcome.params["parameters"] = outcome.torch_model.parameter_count
         _export(outcome.torch_model, target, sample)
@@ -325,6 +400,7 @@ def run_recipe(
 ) -> RecipeResult:
     """Runs every step; returns the outcomes in order and the chosen one (or None)."""
     parent_outputs = ms.outputs_of(inputs.parent_onnx, inputs.evaluation.batches())
+    inputs.evaluation.reference = parent_outputs
     parent_metric = metric_value(parent_outputs, inputs.evaluation)
     budget = recipe.accuracy_budget if recipe.HasField("accuracy_budget") else None
     tolerance = recipe.output_tolerance or DEFAULT_TOLERANCE
@@ -343,7 +419,7 @@ def run_recipe(
         target = workdir / f"step-{index}.onnx"
         try:
             with torch.no_grad() if outcome.method in FUNCTION_PRESERVING else _nullcontext():
-                _run_step(step, state, inputs, target, outcome, cancelled)
+                _run_step(step, state, inputs, target, outcome, cancelled, index)
             reference = state.outputs if state.outputs is not None else parent_outputs
             outputs = _judge(outcome, inputs, reference, parent_metric, budget, tolerance)
         except ox.StepSkipped as skipped:
@@ -375,7 +451,13 @@ def _next_state(outcome: Outcome, state: _State, outputs: np.ndarray | None) -> 
             outcome.torch_model, outputs,
         )  # fmt: skip
     reason = f"step {outcome.name!r} left an ONNX-only model ({outcome.method})"
-    return _State(outcome.onnx_path, None, reason, outcome.metric_after, state.network, outputs)
+    before = None
+    if outcome.method == "graph_optimize":  # optimize -> optimize: back to the first input
+        first = state.before_optimization[0] if state.before_optimization else state.onnx_path
+        before = (first, str(outcome.params["level"]))
+    return _State(
+        outcome.onnx_path, None, reason, outcome.metric_after, state.network, outputs, before
+    )
 
 
 def _choose(

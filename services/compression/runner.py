@@ -15,6 +15,13 @@ keep the function), and Triton accepts it (:mod:`aimass.compression.triton_check
 under a temporary name, one inference compared with ONNX Runtime); a refusal fails the
 step with Triton's message and nothing is registered; without a Triton the report says
 the check was skipped.
+
+A model without labels to score (a sentence-embedding model, imported as ONNX) is checked
+on the parent's outputs instead: with ``accuracy_budget.metric: "cosine"``, or when neither
+the dataset nor the model's signature names a label column present in the check split,
+the metric is the smallest per-row cosine similarity of the child's outputs to the
+parent's (:data:`aimass.compression.recipe.COSINE`). An input the signature maps to no
+columns reads the split's column of its name, or its columns ``<name>_0``, ``<name>_1``...
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import torch
@@ -37,6 +46,7 @@ from aimass.compression import measure as ms
 from aimass.compression import recipe as rc
 from aimass.compression import store as st
 from aimass.compression import structural as sx
+from aimass.compression import training_jobs as tj
 from aimass.compression import triton_check as tc
 from aimass.compression.sources import Sources, artifact_of, require_onnx, version_config
 from aimass.compression.v1 import compression_pb2 as pb
@@ -81,6 +91,47 @@ def signature_of(config: dict[str, Any], table: pa.Table, label: str) -> ann.Mod
     )  # fmt: skip
 
 
+def is_unlabelled(requested_metric: str, label: str, table: pa.Table) -> bool:
+    """Whether the job checks outputs against the parent's (no label to score on)."""
+    return requested_metric == rc.COSINE or not label or label not in table.column_names
+
+
+def unlabelled_signature(
+    config: dict[str, Any], parent: registry_pb2.ModelVersion, table: pa.Table
+) -> ann.ModelSignature:
+    """The parent's signature, each input fed from the split's columns named after it."""
+    if "signature" in config:
+        signature = ann.ModelSignature.from_dict(config["signature"])
+    else:
+        signature = ann.ModelSignature(
+            inputs=tuple(ann.TensorSpec(t.name, t.datatype, tuple(t.shape))
+                         for t in parent.signature.inputs),
+            outputs=tuple(ann.TensorSpec(t.name, t.datatype, tuple(t.shape))
+                          for t in parent.signature.outputs),
+            task="", loss="",
+        )  # fmt: skip
+    inputs = tuple(
+        spec if spec.columns else replace(spec, columns=columns_named(spec.name, table))
+        for spec in signature.inputs
+    )
+    return replace(signature, inputs=inputs, label_column="")
+
+
+def columns_named(name: str, table: pa.Table) -> tuple[str, ...]:
+    """The column ``name``, else ``name_0``, ``name_1``... in index order."""
+    if name in table.column_names:
+        return (name,)
+    prefix = f"{name}_"
+    indexed = [c for c in table.column_names
+               if c.startswith(prefix) and c[len(prefix):].isdigit()]  # fmt: skip
+    if not indexed:
+        raise FailedPrecondition(
+            f"the check split has no column for the model input {name!r} (expected a column "
+            f"{name!r} or {name}_0, {name}_1, ...; it has {', '.join(table.column_names)})"
+        )
+    return tuple(sorted(indexed, key=lambda c: int(c[len(prefix) :])))
+
+
 def input_names_of(path: Path) -> list[str]:
     return [i.name for i in ms.session(path).get_inputs()]  # type: ignore[attr-defined]
 
@@ -90,6 +141,8 @@ def eval_data(
 ) -> rc.EvalData:
     arrays = ann.input_arrays(table, signature)
     feeds = dict(zip(names, arrays, strict=False))
+    if metric == rc.COSINE:  # no labels: the rows are compared with the parent's outputs
+        return rc.EvalData(feeds, np.zeros(table.num_rows), signature.task, metric)
     labels = ann.label_array(table, signature)
     task = signature.task
     return rc.EvalData(feeds, np.asarray(labels).reshape(-1), task, metric)
@@ -174,6 +227,34 @@ def version_metrics(
     ]
 
 
+def ranked(
+    outcomes: list[rc.Outcome], figures: dict[str, ms.Figures], recipe: pb.Recipe, metric: str
+) -> list[rc.Outcome]:
+    """The APPLIED steps, best first: the recipe's choice, then the next best, and so on.
+
+    Chain: the last APPLIED step, then the one before (each within the budget). Candidates:
+    by the selection (fastest by default, measured in ``figures`` as ``step-<index>``).
+    """
+    applied = [(i, o) for i, o in enumerate(outcomes) if o.status == rc.APPLIED]
+    if recipe.mode != pb.RECIPE_MODE_CANDIDATES:
+        return [o for _, o in reversed(applied)]
+    selection = recipe.selection
+
+    def key(pair: tuple[int, rc.Outcome]) -> float:
+        index, outcome = pair
+        figure = figures[f"step-{index}"]
+        if selection == pb.SELECTION_SMALLEST:
+            return float(figure.file_size_bytes)
+        if selection == pb.SELECTION_MOST_ACCURATE:
+            sign = 1.0 if metric in rc.LOWER_IS_BETTER else -1.0
+            return sign * outcome.metric_after
+        if selection == pb.SELECTION_LOWEST_LATENCY:
+            return figure.latency_p50_ms
+        return -figure.throughput_rows_per_second
+
+    return [o for _, o in sorted(applied, key=key)]
+
+
 class Runner:
     """Runs compression jobs by name."""
 
@@ -186,7 +267,9 @@ class Runner:
         work_dir: Path,
         triton_check: TritonCheck | None = None,
         evaluations: ev.Evaluations | None = None,
+        training: grpc.aio.Channel | None = None,
     ) -> None:
+        self.training = training  # fine_tune / distill steps become training jobs there
         self.database = database
         self.artifacts = artifacts
         self.sources = sources
@@ -298,25 +381,31 @@ class Runner:
         if table.num_rows == 0:
             raise FailedPrecondition(f"{dataset_version} split {split} has no rows to check on")
         table = table.slice(0, CHECK_ROWS)
-        signature = signature_of(config, table, label)
-        metric = default_metric(signature.task, recipe.accuracy_budget.metric)
+        if is_unlabelled(recipe.accuracy_budget.metric, label, table):
+            signature, metric = unlabelled_signature(config, parent, table), rc.COSINE
+        else:
+            signature = signature_of(config, table, label)
+            metric = default_metric(signature.task, recipe.accuracy_budget.metric)
         evaluation = eval_data(table, signature, input_names_of(onnx_path), metric)
         torch_model, no_torch = await self._torch_model(parent, config)
         tables = await self._prefetch(recipe, dataset_version)
+        work = self.work_dir / job_id
+        work.mkdir(parents=True, exist_ok=True)
         inputs = rc.Inputs(
             parent_onnx=onnx_path, torch_model=torch_model, no_torch_reason=no_torch,
             evaluation=evaluation,
             calibration=lambda s: self._calibration(
                 s, tables, dataset_version, signature, evaluation
             ),
-            training=lambda: self._training(tables, dataset_version, signature),
+            train=self._remote_training(
+                job, parent.source.dataset_version or dataset_version, work
+            ),
             parent_learning_rate=float(
                 config.get("training", {}).get("learning_rate", 1e-3) or 1e-3
             ),
             parent_batch_size=int(config.get("training", {}).get("batch_size", 64) or 64),
+            parent_version=parent.name,
         )  # fmt: skip
-        work = self.work_dir / job_id
-        work.mkdir(parents=True, exist_ok=True)
         last_check = [0.0, False]
 
         def cancelled() -> bool:
@@ -371,9 +460,6 @@ class Runner:
                 s = step.quantize_static
                 wanted.add((s.calibration_dataset_version or default_dataset,
                             SPLIT_NAMES.get(s.calibration_split, "train")))  # fmt: skip
-            elif method in ("fine_tune", "distill"):
-                dataset = getattr(step, method).dataset_version or default_dataset
-                wanted.add((dataset, "train"))
         return {key: await self.sources.split_table(*key) for key in sorted(wanted)}
 
     @staticmethod
@@ -397,16 +483,23 @@ class Runner:
             for i in range(0, table.num_rows, 64)
         ]
 
-    @staticmethod
-    def _training(
-        tables: dict[tuple[str, str], pa.Table], dataset: str, signature: ann.ModelSignature
-    ) -> sx.TrainData:
-        table = next((t for (d, s), t in tables.items() if s == "train"), None)
-        if table is None or table.num_rows == 0:
-            raise FailedPrecondition(f"{dataset} has no train rows to fine-tune or distill on")
-        inputs, labels = ann.table_to_tensors(table, signature)
-        assert labels is not None
-        return sx.TrainData(inputs, labels)
+    def _remote_training(
+        self, job: pb.CompressionJob, dataset_version: str, work: Path
+    ) -> rc.Train:
+        """Training jobs for the fine_tune / distill steps, on the parent's dataset version."""
+        if self.training is None:
+
+            def unavailable(request: rc.TrainRequest, cancelled: Callable[[], bool]) -> rc.Trained:
+                raise FailedPrecondition(
+                    f"{request.kind} runs as a training job: this compression runner has no "
+                    "training service client"
+                )
+
+            return unavailable
+        return tj.RemoteTraining(
+            self.training, self.artifacts, job.name, dataset_version, work,
+            asyncio.get_running_loop(), project=job.project,
+        )  # fmt: skip
 
     async def _conclude(
         self, job_id: str, job: pb.CompressionJob, parent: registry_pb2.ModelVersion,
@@ -420,14 +513,9 @@ class Runner:
         figures = await asyncio.to_thread(
             ms.measure_all, paths, evaluation.sample(1), evaluation.sample(64)
         )
-        chosen = result.chosen
-        if chosen is None and job.recipe.mode == pb.RECIPE_MODE_CANDIDATES:
-            chosen = self._fastest(result.outcomes, figures, job.recipe.selection)
-        triton_line = ""
-        if chosen is not None:
-            triton_line = await self._check_in_triton(chosen, evaluation)
-            if triton_line.startswith("failed"):
-                chosen = None
+        chosen, triton_line = await self._first_accepted(
+            ranked(result.outcomes, figures, job.recipe, evaluation.metric), evaluation
+        )
         baseline = rc.Outcome("baseline", "", rc.APPLIED, metric_before=result.parent_metric,
                               metric_after=result.parent_metric,
                               max_output_difference=0.0)  # fmt: skip
@@ -467,11 +555,34 @@ class Runner:
         """The evaluation service's figures for parent and child, else the job's own."""
         if self.evaluations is None:
             return ev.BeforeAfter(metric, *own, f"{ev.FALLBACK}: no evaluation service client")
+        if metric == rc.COSINE:  # a comparison with the parent: only the job can measure it
+            return ev.BeforeAfter(metric, *own, f"{ev.FALLBACK}: cosine to the parent's outputs")
         dataset_version = job.recipe.evaluation_dataset_version or parent.source.dataset_version
         split = job.recipe.evaluation_split or common_pb2.DATASET_SPLIT_TEST
         return await self.evaluations.before_after(
             parent.name, version, dataset_version, split, metric, job_id, own
         )
+
+    async def _first_accepted(
+        self, candidates: list[rc.Outcome], evaluation: rc.EvalData
+    ) -> tuple[rc.Outcome | None, str]:
+        """The best candidate Triton accepts, and the report line (naming those refused).
+
+        A refused candidate is marked FAILED and the next best within the budget is
+        checked, so one model Triton cannot serve does not leave the job without a result.
+        """
+        refused: list[str] = []
+        line = ""
+        for candidate in candidates:
+            line = await self._check_in_triton(candidate, evaluation)
+            if not line.startswith("failed"):
+                if refused:
+                    line += f"; chosen after Triton refused {', '.join(refused)}"
+                return candidate, line
+            refused.append(candidate.name)
+        if len(refused) > 1:
+            line += f" (every candidate refused: {', '.join(refused)})"
+        return None, line
 
     async def _check_in_triton(self, chosen: rc.Outcome, evaluation: rc.EvalData) -> str:
         """The report line of the Triton check; a refusal marks the step FAILED."""
@@ -483,17 +594,6 @@ class Runner:
             chosen.status, chosen.reason = rc.FAILED, f"Triton refused the model: {verdict.message}"
             return f"failed: {verdict.message}"
         return f"passed ({verdict.message})"
-
-    @staticmethod
-    def _fastest(
-        outcomes: list[rc.Outcome], figures: dict[str, ms.Figures], selection: int
-    ) -> rc.Outcome | None:
-        applied = [(i, o) for i, o in enumerate(outcomes) if o.status == rc.APPLIED]
-        if not applied:
-            return None
-        if selection == pb.SELECTION_LOWEST_LATENCY:
-            return min(applied, key=lambda p: figures[f"step-{p[0]}"].latency_p50_ms)[1]
-        return max(applied, key=lambda p: figures[f"step-{p[0]}"].throughput_rows_per_second)[1]
 
     async def _register(
         self, job_id: str, job: pb.CompressionJob, parent: registry_pb2.ModelVersion,

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from aimass.common.v1 import common_pb2
 from aimass.compression.v1 import compression_pb2 as pb
+from aimass.core.auth import scope
 from aimass.core.db import models as m
 from aimass.core.db.base import utcnow
 from aimass.core.errors import InvalidArgument, NotFound
@@ -28,10 +29,10 @@ from aimass.core.metrics import count_job_end
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 JOB_INPUT_FIELDS = ("parent_version", "recipe", "evaluate", "target_model", "labels")
-_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_VERSION = re.compile(r"^models/([a-z][a-z0-9-]{0,62})/versions/[1-9][0-9]*$")
-_MODEL = re.compile(r"^models/([a-z][a-z0-9-]{0,62})$")
-_DATASET_VERSION = re.compile(r"^datasets/[a-z][a-z0-9-]{0,62}/versions/[1-9][0-9]*$")
+_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
+_VERSION = re.compile(r"^models/([a-z][a-z0-9-]{0,62})/versions/[1-9][0-9]*\Z")
+_MODEL = re.compile(r"^models/([a-z][a-z0-9-]{0,62})\Z")
+_DATASET_VERSION = re.compile(r"^datasets/[a-z][a-z0-9-]{0,62}/versions/[1-9][0-9]*\Z")
 
 
 def new_id() -> str:
@@ -105,6 +106,7 @@ def get_job(session: Session, job_id: str, *, lock: bool = False) -> m.Compressi
     row = session.scalar(stmt.with_for_update() if lock else stmt)
     if row is None:
         raise NotFound(f"compressionJobs/{job_id} not found")
+    scope.check_visible(row.project, f"compressionJobs/{job_id}")
     return row
 
 
@@ -149,6 +151,7 @@ def job_to_proto(row: m.CompressionJob, policy_name: str = "") -> pb.Compression
     message.name = f"compressionJobs/{row.name}"
     message.status.CopyFrom(job_status(row))
     message.creator = row.creator
+    message.project = row.project or ""
     message.model_version = row.result_version
     message.policy = policy_name or row.config.get("policy", "")
     results = row.metrics or {}

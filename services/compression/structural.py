@@ -14,8 +14,9 @@ copied in.
   of their weights; the network gets genuinely smaller.
 - :func:`low_rank`: Linear(in, out) -> Linear(in, r) @ Linear(r, out) by
   truncated SVD where it saves parameters.
-- :func:`fine_tune` and :func:`distill`: the training loops (Adam, labels;
-  soft targets at a temperature for distillation).
+- :func:`fine_tune`: a plain training loop (Adam, labels) for benchmarks and tests;
+  the fine_tune and distill steps of a job run as training jobs
+  (:mod:`aimass.compression.training_jobs`).
 
 Anything a technique cannot handle raises :class:`StepSkipped` naming the
 layer or architecture.
@@ -35,6 +36,7 @@ from torch import nn
 from aimass.compression.onnx_steps import StepSkipped
 from aimass.core import nn as ann
 from aimass.core.errors import InvalidArgument
+from aimass.core.nn import networks
 
 Masks = dict[str, torch.Tensor]
 
@@ -95,7 +97,10 @@ def _prunable(module: nn.Module) -> dict[str, torch.Tensor]:
     for name, child in module.named_modules():
         if isinstance(child, nn.Linear | nn.Conv1d | nn.Conv2d):
             found[f"{name}.weight"] = child.weight
-        elif isinstance(child, nn.MultiheadAttention) and child.in_proj_weight is not None:
+        elif (
+            isinstance(child, nn.MultiheadAttention | networks.HeadAttention)
+            and child.in_proj_weight is not None
+        ):
             found[f"{name}.in_proj_weight"] = child.in_proj_weight
     return found
 
@@ -231,13 +236,8 @@ def prune_structured(model: TorchModel, sparsity: float, dimension: str = "") ->
     if model.spec is None:
         raise StepSkipped("structured pruning needs a catalogue network; this one was modified")
     architecture = model.architecture
-    dimension = dimension or ("channels" if architecture in ("cnn1d", "cnn2d") else "neurons")
-    if dimension == "heads":
-        raise StepSkipped(
-            "torch.nn.MultiheadAttention (the transformer's attention) computes every head "
-            "over d_model / num_heads dimensions, so heads cannot be removed without "
-            "changing d_model; prune NEURONS (feed-forward) instead"
-        )
+    default = {"cnn1d": "channels", "cnn2d": "channels", "transformer": "heads+neurons"}
+    dimension = dimension or default.get(architecture, "neurons")
     state = {k: v.detach() for k, v in model.module.state_dict().items()}
     slicer = _Slicer(state)
     spec = _copy_spec(model.spec)
@@ -264,28 +264,67 @@ def prune_structured(model: TorchModel, sparsity: float, dimension: str = "") ->
         head_sizes, _ = _sequential_prune(slicer, "head", module.head, sparsity, keep_in, False)
         del sub.hidden_sizes[:]
         sub.hidden_sizes.extend(head_sizes)
-    elif architecture == "transformer" and dimension == "neurons":
-        feedforward = 0
-        for index, layer in enumerate(module.encoder.layers):
-            prefix = f"encoder.layers.{index}"
-            keep = _top(
-                _row_norms(layer.linear1.weight), _kept(layer.linear1.out_features, sparsity)
-            )
-            slicer.linear_or_conv(f"{prefix}.linear1", None, keep)
-            slicer.linear_or_conv(f"{prefix}.linear2", keep, None)
-            feedforward = int(keep.numel())
-        spec.transformer.feedforward_dim = feedforward
+    elif architecture == "transformer" and dimension in ("neurons", "heads", "heads+neurons"):
+        if "neurons" in dimension:
+            spec.transformer.feedforward_dim = _prune_feedforward(slicer, module, sparsity)
+        if "heads" in dimension:
+            _prune_heads(slicer, module, spec.transformer, sparsity)
     else:
         raise StepSkipped(
             f"structured pruning of {dimension} is not supported for the {architecture} "
             f"architecture (supported: mlp neurons, cnn1d/cnn2d channels and neurons, "
-            f"transformer feed-forward neurons)"
+            f"transformer attention heads and feed-forward neurons)"
         )
     slicer.copy_rest()
     smaller = _rebuild(spec, model.data)
     smaller.load_state_dict(slicer.out)
     smaller.eval()
     return TorchModel(smaller, model.signature, model.data, spec)
+
+
+def _prune_feedforward(slicer: _Slicer, module: nn.Module, sparsity: float) -> int:
+    """Removes feed-forward neurons of every encoder layer; the new feedforward_dim."""
+    feedforward = 0
+    for index, layer in enumerate(module.encoder.layers):
+        prefix = f"encoder.layers.{index}"
+        keep = _top(_row_norms(layer.linear1.weight), _kept(layer.linear1.out_features, sparsity))
+        slicer.linear_or_conv(f"{prefix}.linear1", None, keep)
+        slicer.linear_or_conv(f"{prefix}.linear2", keep, None)
+        feedforward = int(keep.numel())
+    return feedforward
+
+
+def _prune_heads(slicer: _Slicer, module: nn.Module, spec: Any, sparsity: float) -> None:
+    """Removes the same number of attention heads from every layer, the weakest of each.
+
+    A head's score is the L2 norm of its q, k, v rows and its out_proj columns; the kept
+    heads keep their width, so the network gets ``head_dim`` = d_model / num_heads of the
+    parent and ``num_heads`` = the heads kept (:class:`aimass.core.nn.networks.HeadAttention`).
+    """
+    heads = spec.num_heads
+    head_dim = spec.head_dim or spec.d_model // heads
+    kept = _kept(heads, sparsity)
+    if kept == heads:
+        raise StepSkipped(f"sparsity {sparsity} of {heads} heads removes none")
+    for index in range(len(module.encoder.layers)):
+        prefix = f"encoder.layers.{index}.self_attn"
+        in_weight = slicer.state[f"{prefix}.in_proj_weight"]  # [3 * heads * head_dim, d_model]
+        inner = heads * head_dim
+        per_head = in_weight.reshape(3, heads, head_dim, -1).permute(1, 0, 2, 3)
+        out_weight = slicer.state[f"{prefix}.out_proj.weight"]  # [d_model, inner]
+        out_per_head = out_weight.reshape(out_weight.shape[0], heads, head_dim).permute(1, 0, 2)
+        scores = (
+            per_head.reshape(heads, -1).norm(dim=1) ** 2
+            + out_per_head.reshape(heads, -1).norm(dim=1) ** 2
+        ).sqrt()
+        keep = _top(scores, kept)
+        columns = _flat_columns(keep, head_dim)  # positions within one of q, k, v
+        rows = torch.cat([columns + block * inner for block in range(3)])
+        slicer.out[f"{prefix}.in_proj_weight"] = in_weight[rows].clone()
+        slicer.out[f"{prefix}.in_proj_bias"] = slicer.state[f"{prefix}.in_proj_bias"][rows].clone()
+        slicer.out[f"{prefix}.out_proj.weight"] = out_weight[:, columns].clone()
+    spec.num_heads = kept
+    spec.head_dim = head_dim
 
 
 def _last_conv(sequence: nn.Sequential) -> int:
@@ -307,7 +346,10 @@ def low_rank(model: TorchModel, rank_ratio: float) -> tuple[TorchModel, int]:
     """
     result = model.copy()
     replaced = 0
-    skip_inside = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+    skip_inside = (
+        nn.MultiheadAttention, nn.TransformerEncoderLayer, networks.HeadAttention,
+        networks.HeadEncoderLayer,
+    )  # fmt: skip
     for _parent_name, parent in list(result.module.named_modules()):
         if isinstance(parent, skip_inside):
             continue
@@ -404,6 +446,7 @@ def scaled_spec(spec: ann.ModelSpec, factor: float) -> ann.ModelSpec:
         dst.channels.extend(channels)
         dst.hidden_sizes.extend(hidden)
     elif architecture == "transformer":
+        scaled.transformer.head_dim = 0  # d_model / num_heads again
         heads = spec.transformer.num_heads
         d_model = max(heads, round(spec.transformer.d_model * factor / heads) * heads)
         scaled.transformer.d_model = d_model
@@ -423,54 +466,6 @@ def build_student(spec: ann.ModelSpec, data: ann.DataSignature) -> TorchModel:
     torch.manual_seed(0)
     built = ann.build_model(spec, data)
     return TorchModel(built.module, built.signature, data, spec)
-
-
-def distill(
-    teacher: TorchModel,
-    student: TorchModel,
-    data: TrainData,
-    *,
-    temperature: float,
-    alpha: float,
-    epochs: int,
-    learning_rate: float,
-    batch_size: int,
-    cancelled: Callable[[], bool] = lambda: False,
-) -> TorchModel:
-    """Trains ``student`` on ``alpha`` * soft-target loss + (1 - alpha) * label loss."""
-    label_loss = ann.loss_function(student.signature)
-    multiclass = student.signature.loss == "cross_entropy"
-    teacher.module.eval()
-    with torch.no_grad():
-        soft = torch.cat(
-            [teacher.module(*tuple(t[i : i + 1024] for t in data.inputs))
-             for i in range(0, data.labels.shape[0], 1024)]
-        )  # fmt: skip
-    targets = TrainData(data.inputs, torch.arange(data.labels.shape[0]))
-    module = student.module
-    optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate)
-    generator = torch.Generator().manual_seed(0)
-    module.train()
-    for _ in range(epochs):
-        for inputs, rows in _batches(targets, batch_size, generator):
-            if cancelled():
-                break
-            optimizer.zero_grad()
-            logits = module(*inputs)
-            teacher_logits = soft[rows]
-            if multiclass:
-                soft_loss = nn.functional.kl_div(
-                    nn.functional.log_softmax(logits / temperature, dim=1),
-                    nn.functional.softmax(teacher_logits / temperature, dim=1),
-                    reduction="batchmean",
-                ) * (temperature**2)
-            else:  # one logit or a regression value: match the teacher's output
-                soft_loss = nn.functional.mse_loss(logits, teacher_logits)
-            loss = alpha * soft_loss + (1 - alpha) * label_loss(logits, data.labels[rows])
-            loss.backward()
-            optimizer.step()
-    module.eval()
-    return student
 
 
 def check_fraction(value: float, field_path: str, *, closed: bool = False) -> float:

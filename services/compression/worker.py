@@ -167,7 +167,7 @@ async def open_runner(ctx: ServiceContext) -> tuple[Runner, Sources]:
     runner = Runner(
         ctx.database(), await ctx.artifacts(), sources, ctx.notify_outbox,
         home / "work" / "compression", checker.check if checker is not None else None,
-        Evaluations(ctx.channels()),
+        Evaluations(ctx.channels()), ctx.channels().get("training"),
     )  # fmt: skip
     return runner, sources
 

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aimass.core.errors import Unavailable
-from aimass.core.interceptors import AimassServerInterceptor, AuthHook
+from aimass.core.interceptors import AimassServerInterceptor, AuthHook, InterceptedRegistration
 from aimass.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,15 +92,17 @@ async def create_server(
     ``auth`` None means the hook the settings ask for (aimass.core.auth: AllowAll
     unless ``auth.enabled``).
     """
+    owned_auth = auth is None
     if auth is None:
         from aimass.core.auth import auth_hook_from_settings  # here: avoids an import cycle
 
         auth = auth_hook_from_settings(settings)
-    server = grpc.aio.server(
-        interceptors=[AimassServerInterceptor(name, auth)], options=server_options(settings)
-    )
+    server = grpc.aio.server(options=server_options(settings))
+    # Handlers go in wrapped (tracing, auth, errors, metrics), not through a gRPC
+    # interceptor: gRPC then finds them with a plain lookup per call.
+    registration = InterceptedRegistration(server, AimassServerInterceptor(name, auth))
     for service in services:
-        service.add_to_server(service.servicer, server)
+        service.add_to_server(service.servicer, registration)  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.full_name for s in services]
@@ -119,6 +121,11 @@ async def create_server(
         raise Unavailable(f"{name}: cannot listen on {address}: the port is already in use")
     await server.start()
     running = RunningServer(server=server, port=bound, health=health_servicer, services=services)
+    # The hook built here is this server's: its NATS link (key revocations, shared rate
+    # limits) connects before the first call and closes with the server.
+    if owned_auth and hasattr(auth, "start"):
+        await auth.start()
+        running.on_stop.append(auth.close)
     await running.set_serving(True)
     log.info("%s serving on %s:%d", name, settings.host, bound)
     return running

@@ -120,6 +120,27 @@ class AuthSettings(BaseModel):
         return value
 
 
+class TrainingSettings(BaseModel):
+    """Admission of training jobs (aimass.training.scheduling)."""
+
+    model_config = {"extra": "forbid"}
+
+    # Concurrent jobs (released to a worker or running) per project, e.g. {"vision": 2};
+    # a project not listed gets default_quota. 0: no limit. Jobs over it wait QUEUED.
+    quotas: dict[str, int] = Field(default_factory=dict)
+    default_quota: int = Field(default=0, ge=0)
+    # A worker not heard from for this long is given no new job.
+    worker_stale_s: float = Field(default=30.0, gt=0.0)
+
+    @field_validator("quotas")
+    @classmethod
+    def _quotas_not_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        negative = sorted(project for project, limit in value.items() if limit < 0)
+        if negative:
+            raise ValueError(f"must be >= 0 (0: no limit); negative for {', '.join(negative)}")
+        return value
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML settings file; its keys mirror the field names."""
 
@@ -164,6 +185,7 @@ class Settings(BaseSettings):
     s3: S3Settings = Field(default_factory=S3Settings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     # Seconds a stopping server waits for in-flight calls before cancelling them.

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from aimass.common.v1 import common_pb2
 from aimass.core.artifacts import ArtifactStore
+from aimass.core.auth import scope
 from aimass.core.clients import ServiceChannels
 from aimass.core.db import models as m
 from aimass.core.db.base import utcnow
@@ -94,6 +95,7 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
 
     async def CreateDataset(self, request: pb.CreateDatasetRequest, context: Context) -> pb.Dataset:
         dataset_id = st.check_id(request.dataset_id, "dataset_id")
+        project = scope.stamp_project(request.dataset.project, "dataset.project")
         cfg.validate(request.dataset.config, "dataset.config")
         self._check_source(request.dataset.config, "dataset.config")
 
@@ -107,7 +109,7 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
                     description=request.dataset.description,
                     tags=dict(request.dataset.labels),
                     config=cfg.to_dict(request.dataset.config),
-                    project=request.dataset.project,
+                    project=project,
                     owner=_principal(),
                 )
                 session.add(row)
@@ -143,8 +145,9 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
 
         def list_() -> pb.ListDatasetsResponse:
             with self.database.session(read_only=True) as session:
+                stmt = select(m.Dataset).where(*scope.project_filter(m.Dataset.project))
                 rows, token = paginate(
-                    session, select(m.Dataset), [m.Dataset.name, m.Dataset.id],
+                    session, stmt, [m.Dataset.name, m.Dataset.id],
                     request.page_size, request.page_token,
                 )  # fmt: skip
                 return pb.ListDatasetsResponse(
@@ -264,6 +267,12 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
                         select(m.IngestJob).where(m.IngestJob.request_id == request.request_id)
                     )
                     if existing is not None:
+                        # Request ids are unique across projects: another project's job
+                        # answers NotFound, never the job itself.
+                        owner = session.get(m.Dataset, existing.dataset_id)
+                        scope.check_visible(
+                            owner.project if owner else "", f"request_id {request.request_id!r}"
+                        )
                         return st.job_to_proto(existing, session), False
                 dataset = st.get_dataset(session, dataset_id)
                 config = request.config if override else st.dataset_config(dataset)
@@ -322,8 +331,13 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
 
         def list_() -> pb.ListIngestJobsResponse:
             with self.database.session(read_only=True) as session:
+                stmt = select(m.IngestJob)
+                if scope.caller_project():
+                    stmt = stmt.join(m.Dataset, m.Dataset.id == m.IngestJob.dataset_id).where(
+                        *scope.project_filter(m.Dataset.project)
+                    )
                 rows, token = paginate(
-                    session, select(m.IngestJob),
+                    session, stmt,
                     [m.IngestJob.create_time.desc(), m.IngestJob.id.desc()],
                     request.page_size, request.page_token,
                 )  # fmt: skip

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aimass.common.v1 import common_pb2
+from aimass.core.auth import scope
 from aimass.core.db import models as m
 from aimass.core.errors import InvalidArgument, NotFound
 from aimass.data import config as cfg
@@ -80,6 +81,7 @@ def get_dataset(session: Session, dataset_id: str) -> m.Dataset:
     row = session.scalar(select(m.Dataset).where(m.Dataset.name == dataset_id))
     if row is None:
         raise NotFound(f"datasets/{dataset_id} not found")
+    scope.check_visible(row.project, f"datasets/{dataset_id}")
     return row
 
 
@@ -91,6 +93,7 @@ def get_version(session: Session, dataset_id: str, number: int) -> m.DatasetVers
     )
     if row is None:
         raise NotFound(f"datasets/{dataset_id}/versions/{number} not found")
+    scope.check_visible(row.dataset.project, f"datasets/{dataset_id}/versions/{number}")
     return row
 
 
@@ -101,6 +104,11 @@ def get_job(session: Session, job_id: str, *, for_update: bool = False) -> m.Ing
     row = session.scalar(stmt.with_for_update() if for_update else stmt)
     if row is None:
         raise NotFound(f"ingestJobs/{job_id} not found")
+    if scope.caller_project():
+        dataset_project = session.scalar(
+            select(m.Dataset.project).where(m.Dataset.id == row.dataset_id)
+        )
+        scope.check_visible(dataset_project or "", f"ingestJobs/{job_id}")
     return row
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from aimass.common.v1 import common_pb2
 from aimass.core.artifacts import ArtifactStore
+from aimass.core.auth import scope
 from aimass.core.db import models as m
 from aimass.core.db.engine import Database
 from aimass.core.db.pagination import paginate
@@ -138,7 +139,7 @@ class EvaluationServicer(MonitorMethods, evaluation_pb2_grpc.EvaluationServiceSe
                     name=st.new_id(), model_version=evaluation.model_version,
                     dataset_version=dataset_version, split=st.SPLIT_NAMES[evaluation.split],
                     config=config, state="QUEUED", creator=principal(),
-                    request_id=request.request_id or None,
+                    request_id=request.request_id or None, project=scope.caller_project(),
                 )  # fmt: skip
                 session.add(row)
                 session.flush()
@@ -152,9 +153,12 @@ class EvaluationServicer(MonitorMethods, evaluation_pb2_grpc.EvaluationServiceSe
         return message
 
     def _by_request_id(self, model: type, request_id: str) -> Any:
+        """The row an earlier call with ``request_id`` made; NotFound when it is another
+        project's (request ids are unique across projects: a replay must not return it)."""
         with self.database.session(read_only=True) as session:
             row = session.scalar(select(model).where(model.request_id == request_id))
             if row is not None:
+                scope.check_visible(row.project, f"request_id {request_id!r}")
                 session.expunge(row)
             return row
 
@@ -190,6 +194,7 @@ class EvaluationServicer(MonitorMethods, evaluation_pb2_grpc.EvaluationServiceSe
                 row = m.Benchmark(
                     name=st.new_id(), model_version=name, config=config, state="QUEUED",
                     creator=principal(), request_id=request.request_id or None,
+                    project=scope.caller_project(),
                 )  # fmt: skip
                 session.add(row)
                 session.flush()
@@ -228,6 +233,7 @@ class EvaluationServicer(MonitorMethods, evaluation_pb2_grpc.EvaluationServiceSe
         if request.order_by and request.order_by.strip() != "create_time desc":
             raise InvalidArgument("order_by", 'only "create_time desc" is supported')
         clauses = st.filter_clauses(request.filter, columns)
+        clauses += scope.project_filter(model.project)
         with self.database.session(read_only=True) as session:
             rows, token = paginate(
                 session, select(model).where(*clauses), [model.create_time.desc(), model.id.desc()],

@@ -83,8 +83,10 @@ class MonitorMethods:
         return empty_pb2.Empty()
 
     async def RunMonitor(self, request: pb.RunMonitorRequest, context: Context) -> pb.MonitorReport:
-        _, runner = self._monitors()
-        return await runner.run(parse_monitor(request.name))
+        store, runner = self._monitors()
+        monitor_id = parse_monitor(request.name)
+        await asyncio.to_thread(store.get, monitor_id)  # NotFound for another project's
+        return await runner.run(monitor_id)
 
     async def ListAlerts(
         self, request: pb.ListAlertsRequest, context: Context

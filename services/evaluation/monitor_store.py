@@ -25,6 +25,7 @@ from google.protobuf.duration_pb2 import Duration
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from aimass.core.auth import scope
 from aimass.core.db import models as m
 from aimass.core.db.columns import require_etag
 from aimass.core.db.engine import Database
@@ -116,11 +117,32 @@ def _duration(seconds: float) -> Duration:
     return value
 
 
+def _monitor_project(session: Session, monitor: pb.Monitor) -> str:
+    """The project of a new monitor: its deployment's when that exists (NotFound naming
+    ``monitor.deployment`` when the caller may not see it), else the caller's."""
+    project = scope.stamp_project(monitor.project, "monitor.project")
+    deployment_project = session.scalar(
+        select(m.Deployment.project).where(
+            m.Deployment.name == monitor.deployment.removeprefix("deployments/")
+        )
+    )
+    if deployment_project is None:
+        return project
+    scope.check_visible(deployment_project, f"monitor.deployment: {monitor.deployment}")
+    if project and project != deployment_project:
+        raise InvalidArgument(
+            "monitor.project",
+            f"must be {deployment_project!r}, the project of {monitor.deployment}",
+        )
+    return deployment_project
+
+
 def monitor_to_proto(row: m.Monitor) -> pb.Monitor:
     config = row.config
     monitor = pb.Monitor(
         name=f"monitors/{row.name}",
         deployment=row.deployment,
+        project=row.project,
         description=row.description,
         interval=_duration(config["interval_s"]),
         window=_duration(config["window_s"]),
@@ -189,6 +211,8 @@ class MonitorStore:
         row = session.scalar(select(m.Monitor).where(m.Monitor.name == monitor_id))
         if row is None:
             raise NotFound(f"monitors/{monitor_id} not found")
+        # Another project's monitor answers as a missing one (the schedule is unscoped).
+        scope.check_visible(row.project, f"monitors/{monitor_id}")
         return row
 
     def create(self, monitor_id: str, monitor: pb.Monitor, creator: str) -> pb.Monitor:
@@ -200,6 +224,7 @@ class MonitorStore:
             row = m.Monitor(
                 name=monitor_id,
                 deployment=monitor.deployment,
+                project=_monitor_project(session, monitor),
                 description=monitor.description,
                 labels=dict(monitor.labels),
                 config=config,
@@ -220,7 +245,7 @@ class MonitorStore:
     def list(self, page_size: int, page_token: str, text: str) -> tuple[list[pb.Monitor], str]:
         clauses = filter_clauses(text, {"deployment": m.Monitor.deployment})
         with self.database.session(read_only=True) as session:
-            stmt = select(m.Monitor).where(*clauses)
+            stmt = select(m.Monitor).where(*clauses, *scope.project_filter(m.Monitor.project))
             rows, token = paginate(session, stmt, [m.Monitor.id], page_size, page_token)
             return [monitor_to_proto(r) for r in rows], token
 
@@ -337,8 +362,10 @@ class MonitorStore:
         self, parent: str, page_size: int, page_token: str
     ) -> tuple[list[pb.Alert], str]:
         with self.database.session(read_only=True) as session:
-            stmt = select(m.MonitorAlert, m.Monitor.name).join(
-                m.Monitor, m.Monitor.id == m.MonitorAlert.monitor_id
+            stmt = (
+                select(m.MonitorAlert, m.Monitor.name)
+                .join(m.Monitor, m.Monitor.id == m.MonitorAlert.monitor_id)
+                .where(*scope.project_filter(m.Monitor.project))
             )
             if parent != "monitors/-":
                 monitor_id = parse_monitor(parent, "parent")

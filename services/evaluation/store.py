@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from aimass.common.v1 import common_pb2
+from aimass.core.auth import scope
 from aimass.core.db import models as m
 from aimass.core.db.base import utcnow
 from aimass.core.errors import InvalidArgument, NotFound
@@ -112,6 +113,7 @@ def get_evaluation(session: Session, job_id: str, *, lock: bool = False) -> m.Ev
     row = session.scalar(stmt.with_for_update() if lock else stmt)
     if row is None:
         raise NotFound(f"evaluations/{job_id} not found")
+    scope.check_visible(row.project, f"evaluations/{job_id}")
     return row
 
 
@@ -120,6 +122,7 @@ def get_benchmark(session: Session, job_id: str, *, lock: bool = False) -> m.Ben
     row = session.scalar(stmt.with_for_update() if lock else stmt)
     if row is None:
         raise NotFound(f"benchmarks/{job_id} not found")
+    scope.check_visible(row.project, f"benchmarks/{job_id}")
     return row
 
 
@@ -222,6 +225,7 @@ def evaluation_to_proto(row: m.Evaluation) -> pb.Evaluation:
     config, results = row.config, row.results or {}
     message = pb.Evaluation(
         name=f"evaluations/{row.name}",
+        project=row.project or "",
         model_version=row.model_version,
         dataset_version=row.dataset_version,
         split=SPLIT_ENUMS.get(row.split, common_pb2.DATASET_SPLIT_TEST),
@@ -280,6 +284,7 @@ def benchmark_to_proto(row: m.Benchmark) -> pb.Benchmark:
     config, results = row.config, row.results or {}
     message = pb.Benchmark(
         name=f"benchmarks/{row.name}",
+        project=row.project or "",
         model_version=row.model_version,
         provider=PROVIDER_ENUMS[config.get("provider", "cpu")],
         batch_sizes=config.get("batch_sizes", []),

@@ -13,9 +13,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from aimass.core.auth import scope
 from aimass.core.errors import InvalidArgument
 from aimass.core.interceptors import current_principal
 from aimass.pipeline import spec as specs
+from aimass.pipeline.schedules import ScheduleStore
+from aimass.pipeline.schedules_api import ScheduleRpcs
 from aimass.pipeline.store import TERMINAL, RunStore, new_run_id, run_id_of
 from aimass.pipeline.v1 import pipeline_pb2 as pb
 from aimass.pipeline.v1 import pipeline_pb2_grpc
@@ -33,11 +36,14 @@ def principal() -> str:
         return ""
 
 
-class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
-    """aimass.pipeline.v1.PipelineService."""
+class PipelineServicer(ScheduleRpcs, pipeline_pb2_grpc.PipelineServiceServicer):
+    """aimass.pipeline.v1.PipelineService: runs here, schedules in :class:`ScheduleRpcs`."""
 
-    def __init__(self, store: RunStore, notify_outbox: Callable[[], None]) -> None:
+    def __init__(
+        self, store: RunStore, notify_outbox: Callable[[], None], schedules: ScheduleStore
+    ) -> None:
         self.store = store
+        self.schedules = schedules
         self.notify_outbox = notify_outbox
 
     async def _db(self, call: Callable[..., T], *args: Any) -> T:
@@ -59,6 +65,8 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
             )
         if len(request.request_id) > 64:
             raise InvalidArgument("request_id", "must be 64 characters at most")
+        # The run's stages act for this project (see aimass.pipeline.engine).
+        run.project = scope.stamp_project(run.project, "pipeline_run.project")
         if request.validate_only:
             preview = pb.PipelineRun()
             preview.CopyFrom(run)
@@ -90,7 +98,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
             raise InvalidArgument("page_size", "must not be negative")
         runs, token = await self._db(
             self.store.list, request.page_size, request.page_token, STATE_FILTERS.get(wanted, "")
-        )
+        )  # the caller's project's runs only (RunStore.list)
         return pb.ListPipelineRunsResponse(pipeline_runs=runs, next_page_token=token)
 
     async def WatchPipelineRun(

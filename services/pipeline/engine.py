@@ -13,6 +13,12 @@ Two durable JetStream consumers drive every run:
   run whose running stage waits for the event's resource, reads the job, and
   ends the stage; the transition writes the next stage's start event.
 
+Stages act for their run's project (:func:`aimass.core.auth.hook.acting_for_project`):
+the internal token then carries the project, so every service scopes the stage's calls as
+it would a key of that project: what a stage creates (datasets, training jobs,
+evaluations, compression jobs, model versions, deployments) lands in the run's project,
+and a spec naming another project's dataset, version or deployment fails with NOT_FOUND.
+
 Nothing lives only in memory: a killed pipeline process leaves its state in
 the database and its unacked events in JetStream, and the next process
 resumes. Duplicates change nothing (transitions are compare-and-set on the
@@ -30,6 +36,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from aimass.core.auth.hook import acting_for_project
 from aimass.core.db.base import utcnow
 from aimass.core.events import ConsumerOptions, Envelope, EventBus, Subscription, unpack
 from aimass.events.v1 import events_pb2
@@ -148,7 +155,8 @@ class Engine:
     async def _launch(self, active: ActiveStage) -> bool:
         log.info("pipelineRuns/%s: starting %s", active.run, pb.Stage.Name(active.stage))
         try:
-            result = await self.stages.launch(active)
+            with acting_for_project(active.project):
+                result = await self.stages.launch(active)
         except StageFailed as failed:
             return await self._fail(active, failed.reason)
         except Retry:
@@ -176,7 +184,8 @@ class Engine:
         if active is None or active.state != "RUNNING":
             return
         try:
-            outcome = await self.stages.check(active)
+            with acting_for_project(active.project):
+                outcome = await self.stages.check(active)
         except StageFailed as failed:
             await self._fail(active, failed.reason)
             return

@@ -35,9 +35,9 @@ from google.protobuf.message import Message
 from aimass.core.errors import InvalidArgument
 from aimass.pipeline.v1 import pipeline_pb2 as pb
 
-RESOURCE_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-DATASET_VERSION = re.compile(r"^datasets/[a-z][a-z0-9-]{0,62}/versions/[0-9]+$")
-MODEL_VERSION = re.compile(r"^models/[a-z][a-z0-9-]{0,62}/versions/[0-9]+$")
+RESOURCE_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
+DATASET_VERSION = re.compile(r"^datasets/[a-z][a-z0-9-]{0,62}/versions/[0-9]+\Z")
+MODEL_VERSION = re.compile(r"^models/[a-z][a-z0-9-]{0,62}/versions/[0-9]+\Z")
 SECTIONS = ("dataset", "model", "training", "evaluation", "compression", "release", "deploy")
 SPLIT_NAMES = ("train", "valid", "test")
 

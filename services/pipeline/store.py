@@ -26,6 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from aimass.core.auth import scope
 from aimass.core.db import models as m
 from aimass.core.db.base import utcnow
 from aimass.core.db.engine import Database
@@ -75,6 +76,8 @@ class ActiveStage:
     summary: pb.PipelineSummary
     # When the stage attempt started (ISO 8601, UTC).
     start_time: str = ""
+    # The run's project: the stage's calls act for it (what they create lands there).
+    project: str = ""
 
 
 class RunStore:
@@ -95,31 +98,7 @@ class RunStore:
     ) -> pb.PipelineRun:
         """Writes the run, starts its first stage (or ends it when every stage is skipped)."""
         with self.database.session(resource=f"pipelineRuns/{run_id}") as session:
-            if request_id:
-                existing = session.scalar(
-                    select(m.PipelineRun).where(m.PipelineRun.request_id == request_id)
-                )
-                if existing is not None:
-                    return run_to_proto(existing)
-            row = m.PipelineRun(
-                name=run_id,
-                description=run.description,
-                labels=dict(run.labels),
-                creator=creator,
-                spec=json_format.MessageToDict(run.spec, preserving_proto_field_name=True),
-                state="RUNNING",
-                stages={
-                    stage_key(stage): _stage_entry("PENDING" if runs else "SKIPPED")
-                    for stage, runs in specs.planned_stages(run.spec)
-                },
-                summary=_initial_summary(run.spec),
-                attempt=1,
-                request_id=request_id or None,
-            )
-            session.add(row)
-            session.flush()
-            _start_next(session, row)
-            return run_to_proto(row)
+            return run_to_proto(insert_run(session, run_id, run, creator, request_id))
 
     def get(self, run_id: str) -> pb.PipelineRun:
         with self.database.session(read_only=True) as session:
@@ -137,7 +116,7 @@ class RunStore:
 
     def list(self, page_size: int, page_token: str, state: str) -> tuple[list[pb.PipelineRun], str]:
         with self.database.session(read_only=True) as session:
-            stmt = select(m.PipelineRun)
+            stmt = select(m.PipelineRun).where(*scope.project_filter(m.PipelineRun.project))
             if state:
                 stmt = stmt.where(m.PipelineRun.state == state)
             rows, token = paginate(
@@ -286,7 +265,45 @@ class RunStore:
             )
             if row is None:
                 raise NotFound(f"pipelineRuns/{run_id} does not exist")
+            scope.check_visible(row.project, f"pipelineRuns/{run_id}")
             return work(session, row)
+
+
+def insert_run(
+    session: Session, run_id: str, run: pb.PipelineRun, creator: str, request_id: str
+) -> m.PipelineRun:
+    """Adds the run (in ``run.project``) in ``session`` and starts its first stage; the run
+    an earlier call with the same ``request_id`` made, when there is one (NotFound when that
+    run is another project's: request ids are unique across projects, and a replay must not
+    return another project's run). Schedules call it in their own transaction, so the
+    firing and the run it starts commit together."""
+    if request_id:
+        existing = session.scalar(
+            select(m.PipelineRun).where(m.PipelineRun.request_id == request_id)
+        )
+        if existing is not None:
+            scope.check_visible(existing.project, f"request_id {request_id!r}")
+            return existing
+    row = m.PipelineRun(
+        name=run_id,
+        description=run.description,
+        project=run.project,
+        labels=dict(run.labels),
+        creator=creator,
+        spec=json_format.MessageToDict(run.spec, preserving_proto_field_name=True),
+        state="RUNNING",
+        stages={
+            stage_key(stage): _stage_entry("PENDING" if runs else "SKIPPED")
+            for stage, runs in specs.planned_stages(run.spec)
+        },
+        summary=_initial_summary(run.spec),
+        attempt=1,
+        request_id=request_id or None,
+    )
+    session.add(row)
+    session.flush()
+    _start_next(session, row)
+    return row
 
 
 def new_run_id(model: str) -> str:
@@ -359,6 +376,7 @@ def _active(row: m.PipelineRun) -> ActiveStage | None:
                 run=row.name, stage=pb.Stage.Value(key), state=entry["state"],
                 attempt=int(entry.get("attempt", 0)), resource=entry.get("resource", ""),
                 spec=_spec(row), summary=_summary(row), start_time=entry.get("start_time", ""),
+                project=row.project,
             )  # fmt: skip
     return None
 
@@ -399,6 +417,7 @@ def _row(session: Session, run_id: str) -> m.PipelineRun:
     row = session.scalar(select(m.PipelineRun).where(m.PipelineRun.name == run_id))
     if row is None:
         raise NotFound(f"pipelineRuns/{run_id} does not exist")
+    scope.check_visible(row.project, f"pipelineRuns/{run_id}")
     return row
 
 
@@ -431,6 +450,7 @@ def run_to_proto(row: m.PipelineRun) -> pb.PipelineRun:
         attempt=row.attempt,
         creator=row.creator,
         etag=row.etag,
+        project=row.project,
     )
     for stage, _ in specs.planned_stages(run.spec):
         entry = row.stages.get(stage_key(stage), _stage_entry("PENDING"))

@@ -261,6 +261,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.LogVersionMetricsRequest, context: Context
     ) -> pb.ModelVersion:
         model_id, number = parse_version_name(request.name)
+        await self._check_scope(model_id)
         if not request.metrics:
             raise InvalidArgument("metrics", "is empty: send at least one metric")
         _check_metrics(request.metrics, "metrics")
@@ -307,6 +308,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DownloadArtifactRequest, context: Context
     ) -> AsyncIterator[common_pb2.ByteChunk]:
         model_id, number = parse_version_name(request.name)
+        await self._check_scope(model_id)
         _check_kind(request.kind, "kind")
         ref = await asyncio.to_thread(self.store.get_artifact, model_id, number, request.kind)
         async for chunk in self._stream(ref.uri, ref.sha256, request.offset):
@@ -328,6 +330,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def SetAlias(self, request: pb.SetAliasRequest, context: Context) -> pb.Alias:
         model_id, alias = parse_alias_name(request.name)
+        await self._check_scope(model_id)
         if request.version <= 0:
             raise InvalidArgument(
                 "version", f"must be a positive version number, got {request.version}"
@@ -345,12 +348,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetAlias(self, request: pb.GetAliasRequest, context: Context) -> pb.Alias:
         model_id, alias = parse_alias_name(request.name)
+        await self._check_scope(model_id)
         return await asyncio.to_thread(self.store.get_alias, model_id, alias)
 
     async def ListAliases(
         self, request: pb.ListAliasesRequest, context: Context
     ) -> pb.ListAliasesResponse:
         model_id = parse_model_name(request.parent, "parent")
+        await self._check_scope(model_id)
         page = await asyncio.to_thread(
             self.store.list_aliases, model_id, request.page_size, request.page_token
         )
@@ -360,6 +365,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.DeleteAliasRequest, context: Context
     ) -> empty_pb2.Empty:
         model_id, alias = parse_alias_name(request.name)
+        await self._check_scope(model_id)
         await self._write(self.store.delete_alias, model_id, alias, current_principal().subject)
         return empty_pb2.Empty()
 
@@ -367,6 +373,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.ListAliasHistoryRequest, context: Context
     ) -> pb.ListAliasHistoryResponse:
         model_id = parse_model_name(request.parent, "parent")
+        await self._check_scope(model_id)
         page = await asyncio.to_thread(
             self.store.list_alias_history, model_id, request.page_size, request.page_token
         )
@@ -376,6 +383,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetLineage(self, request: pb.GetLineageRequest, context: Context) -> pb.Lineage:
         model_id, number = parse_version_name(request.name)
+        await self._check_scope(model_id)
         if request.depth < 0:
             raise InvalidArgument("depth", f"must be 0 (all) or more, got {request.depth}")
         return await asyncio.to_thread(self.store.get_lineage, model_id, number, request.depth)
@@ -384,6 +392,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def CreateRelease(self, request: pb.CreateReleaseRequest, context: Context) -> pb.Release:
         model_id, number = parse_version_name(request.parent, "parent")
+        await self._check_scope(model_id)
         release_id = check_id(request.release_id, "release_id", "release id")
         await asyncio.to_thread(self.store.require_new_release, model_id, number, release_id)
         version = await asyncio.to_thread(self.store.get_version, model_id, number)
@@ -404,12 +413,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
 
     async def GetRelease(self, request: pb.GetReleaseRequest, context: Context) -> pb.Release:
-        return await asyncio.to_thread(self.store.get_release, *parse_release_name(request.name))
+        release = parse_release_name(request.name)
+        await self._check_scope(release[0])
+        return await asyncio.to_thread(self.store.get_release, *release)
 
     async def ListReleases(
         self, request: pb.ListReleasesRequest, context: Context
     ) -> pb.ListReleasesResponse:
         model_id, number = parse_version_name(request.parent, "parent")
+        await self._check_scope(model_id)
         page = await asyncio.to_thread(
             self.store.list_releases, model_id, number, request.page_size, request.page_token
         )
@@ -418,7 +430,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def DownloadRelease(
         self, request: pb.DownloadReleaseRequest, context: Context
     ) -> AsyncIterator[common_pb2.ByteChunk]:
-        release = await asyncio.to_thread(self.store.get_release, *parse_release_name(request.name))
+        parsed = parse_release_name(request.name)
+        await self._check_scope(parsed[0])
+        release = await asyncio.to_thread(self.store.get_release, *parsed)
         async for chunk in self._stream(release.bundle.uri, release.bundle.sha256, request.offset):
             yield chunk
 
@@ -426,6 +440,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.ImportReleaseRequest, context: Context
     ) -> pb.ModelVersion:
         model_id = parse_model_name(request.parent, "parent")
+        await self._check_scope(model_id)
         if not request.bundle_uri:
             raise InvalidArgument(
                 "bundle_uri", "is required: upload the bundle with UploadArtifact"
@@ -463,6 +478,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: pb.ImportModelVersionRequest, context: Context
     ) -> pb.ModelVersion:
         model_id = parse_model_name(request.parent, "parent")
+        await self._check_scope(model_id)
         spec = importers.spec_from_request(request)
         importers.check_template(request.model_version)
         with tempfile.TemporaryDirectory(prefix="aimass-byom-", dir=self._temp_dir) as work:

@@ -28,6 +28,7 @@ from sqlalchemy import ColumnElement, Select, delete, exists, func, or_, select,
 from sqlalchemy.orm import Session
 
 from aimass.common.v1 import common_pb2
+from aimass.core.auth import scope
 from aimass.core.db.base import utcnow
 from aimass.core.db.columns import new_etag, require_etag
 from aimass.core.db.engine import Database
@@ -357,6 +358,12 @@ class SqlRegistryStore(RegistryStore):
             stmt = select(ModelVersion)
             if model_id is not None:
                 stmt = stmt.where(ModelVersion.model_id == _model_row(session, model_id).id)
+            elif scope.caller_project():
+                # A search across models sees the caller's project's models only.
+                in_project = select(RegisteredModel.id).where(
+                    *scope.project_filter(RegisteredModel.project)
+                )
+                stmt = stmt.where(ModelVersion.model_id.in_(in_project))
             stmt = stmt.where(*(_version_condition(c) for c in conditions))
             stmt, keys = _version_order(stmt, order, default_desc=model_id is None)
             rows, next_token = paginate(session, stmt, keys, size, token)
@@ -593,7 +600,11 @@ def _locked_model_or_new(session: Session, model_id: str, owner: str | None) -> 
     stmt = select(RegisteredModel).where(RegisteredModel.name == model_id).with_for_update()
     row = session.scalar(stmt)
     if row is None and owner is not None:
-        session.add(RegisteredModel(name=model_id, owner=owner, tags={}, latest_version=0))
+        # An import by a scoped caller creates the model in the caller's project.
+        project = scope.caller_project()
+        session.add(
+            RegisteredModel(name=model_id, owner=owner, tags={}, latest_version=0, project=project)
+        )
         session.flush()
         row = session.scalar(stmt)
     if row is None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import empty_pb2
 
+from aimass.core.auth import scope
 from aimass.core.errors import InvalidArgument
 from aimass.core.server import GrpcService
 from aimass.routing.runtime import Router
@@ -112,6 +113,9 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
     async def CreateDeployment(
         self, request: pb.CreateDeploymentRequest, context: Context
     ) -> pb.Deployment:
+        request.deployment.project = scope.stamp_project(
+            request.deployment.project, "deployment.project"
+        )
         return await self.router.create_deployment(
             request.deployment_id, request.deployment, request.validate_only
         )
@@ -140,6 +144,8 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
         deployment_id = parse_name(request.deployment.name, "deployments", "deployment.name")
         paths = _paths(request.update_mask, request.deployment, DEPLOYMENT_MUTABLE, "deployment")
         merged = await self.router.get_deployment(deployment_id)
+        if "project" in paths and request.deployment.project != merged.project:
+            scope.stamp_project(request.deployment.project, "deployment.project")
         for path in paths:
             merged.ClearField(path)  # type: ignore[arg-type]
             value = getattr(request.deployment, path)

@@ -25,6 +25,7 @@ import grpc
 
 from aimass.common.v1 import common_pb2
 from aimass.core.errors import AimassError, FailedPrecondition, NotFound
+from aimass.core.settings import S3Settings
 from aimass.core.triton.control import TritonControl
 from aimass.core.triton.pybackend import OnnxBatchRunner
 from aimass.core.triton.repository import (
@@ -34,6 +35,7 @@ from aimass.core.triton.repository import (
     ServingOptions,
     Signature,
 )
+from aimass.core.triton.s3_repository import S3ModelRepository, open_model_repository
 from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.wire import datatype_of, numpy_to_raw, tensor_to_numpy
 
@@ -68,7 +70,7 @@ class TritonBackend(TritonControl):
     def __init__(
         self,
         address: str,
-        repository: ModelRepository | None,
+        repository: ModelRepository | S3ModelRepository | None,
         max_message_bytes: int,
         channels: int = CHANNELS,
     ) -> None:
@@ -189,15 +191,16 @@ class InProcessBackend:
 
 
 def make_backend(
-    server: pb.InferenceServer, backend: Backend, max_message_bytes: int
+    server: pb.InferenceServer,
+    backend: Backend,
+    max_message_bytes: int,
+    s3: S3Settings | None = None,
 ) -> TritonBackend | InProcessBackend:
+    """The backend of a server; an ``s3://`` repository is written with ``s3`` settings."""
     if server.kind == pb.SERVER_KIND_ONNXRUNTIME_IN_PROCESS:
         return InProcessBackend()
     backend = Backend(server.labels.get(BACKEND_LABEL, backend.value))
-    uri = server.model_repository_uri
-    repository = None
-    if uri and not uri.startswith("s3://"):
-        repository = ModelRepository(uri.removeprefix("file://"), backend)
+    repository = open_model_repository(server.model_repository_uri, backend, s3)
     return TritonBackend(server.grpc_address, repository, max_message_bytes)
 
 

@@ -34,7 +34,14 @@ async def build(ctx: ServiceContext, config: RoutingConfig | None = None) -> Seq
     store = RoutingStore(database, notify_outbox=ctx.notify_outbox)
     resolver = VersionResolver(ctx.channels().get("registry"), config.cache_dir)
     metrics = RoutingMetrics()
-    router = Router(store, resolver, config, ctx.settings.max_message_mb * 1024 * 1024, metrics)
+    router = Router(
+        store,
+        resolver,
+        config,
+        ctx.settings.max_message_mb * 1024 * 1024,
+        metrics,
+        s3=ctx.settings.s3,
+    )
     ctx.resources["router"] = router
     await router.start()
     ctx.on_close(router.close)

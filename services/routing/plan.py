@@ -28,7 +28,7 @@ from aimass.routing.repository import (
     entry_name,
 )
 from aimass.routing.v1 import routing_pb2 as pb
-from aimass.routing.wire import string_field
+from aimass.routing.wire import InputCheck, string_field
 
 DEFAULT_TIMEOUT_S = 10.0
 # How long a server that answered UNAVAILABLE is skipped before it is tried again.
@@ -55,6 +55,8 @@ class ServerRuntime:
     state: str = "UNKNOWN"
     reason: str = ""
     ejected_until: float = 0.0
+    # Failed health checks in a row while READY (one is forgiven, see Router._check_server).
+    missed_checks: int = 0
     outstanding: int = 0
     models: dict[str, LoadedModel] = field(default_factory=dict)
 
@@ -130,8 +132,11 @@ class Plan:
     _wire: dict[str, tuple[str, bytes, bytes]] = field(default_factory=dict)
     # Prediction logging of this deployment (sample rate 0: nothing captured).
     capture: CaptureOptions = field(default_factory=CaptureOptions)
+    # The signature's inputs, precomputed for the check of every request.
+    input_check: InputCheck = field(init=False)
 
     def __post_init__(self) -> None:
+        self.input_check = InputCheck(self.signature, self.options.max_batch_size)
         self.capture = CaptureOptions.from_proto(self.deployment.serving_config.prediction_logging)
         total = 0.0
         for version, weight in self.routes:

@@ -26,7 +26,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -34,6 +34,7 @@ import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from aimass.core.auth import scope
 from aimass.core.errors import (
     AimassError,
     FailedPrecondition,
@@ -43,14 +44,16 @@ from aimass.core.errors import (
     Unavailable,
 )
 from aimass.core.events import Envelope, EventBus, unpack
+from aimass.core.settings import S3Settings
 from aimass.core.telemetry import inject_headers
+from aimass.core.triton.s3_repository import parse_s3_repository
 from aimass.events.v1 import events_pb2
-from aimass.routing.backends import UpstreamError, make_backend
+from aimass.routing.backends import BACKEND_LABEL, UpstreamError, make_backend
 from aimass.routing.config import RoutingConfig
 from aimass.routing.metrics import RoutingMetrics
 from aimass.routing.plan import LoadedModel, Plan, ServerRuntime, serving_options
 from aimass.routing.prediction_log import Captured, PredictionLogger, sampled
-from aimass.routing.repository import ServingOptions, entry_name
+from aimass.routing.repository import Backend, ServingOptions, entry_name
 from aimass.routing.store import RoutingStore, check_id
 from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.versions import VersionInfo, VersionResolver, check_model_reference
@@ -82,8 +85,11 @@ class Router:
         config: RoutingConfig,
         max_message_bytes: int,
         metrics: RoutingMetrics | None = None,
+        s3: S3Settings | None = None,
     ) -> None:
         self.store = store
+        # How to write s3:// model repositories (endpoint, credentials; else boto3's chain).
+        self.s3 = s3
         self.resolver = resolver
         self.config = config
         self.max_message_bytes = max_message_bytes
@@ -162,7 +168,7 @@ class Router:
                     await asyncio.to_thread(self.store.create_server, server_id, proto)
 
     def _add_server(self, proto: pb.InferenceServer) -> ServerRuntime:
-        backend = make_backend(proto, self.config.triton_backend, self.max_message_bytes)
+        backend = make_backend(proto, self.config.triton_backend, self.max_message_bytes, self.s3)
         runtime = ServerRuntime(proto=proto, backend=backend)
         if runtime.in_process:
             runtime.state = "READY"
@@ -175,12 +181,16 @@ class Router:
         check_id(server_id, "inference_server_id")
         if server.kind == pb.SERVER_KIND_UNSPECIFIED:
             server.kind = pb.SERVER_KIND_TRITON
+        if server.kind not in pb.ServerKind.values():  # proto3 enums are open
+            raise InvalidArgument("inference_server.kind", f"unknown value {server.kind}")
+        _check_backend_label(server.labels)
         if server.kind == pb.SERVER_KIND_TRITON and not server.grpc_address:
             raise InvalidArgument(
                 "inference_server.grpc_address", "is required for a Triton server"
             )
         if server.memory_budget_bytes < 0:
             raise InvalidArgument("inference_server.memory_budget_bytes", "must be 0 or more")
+        _check_repository(server.model_repository_uri)
         created = await asyncio.to_thread(self.store.create_server, server_id, server)
         runtime = self._add_server(created)
         await self._check_server(runtime)
@@ -222,12 +232,16 @@ class Router:
     async def update_server(
         self, server_id: str, server: pb.InferenceServer, paths: list[str]
     ) -> pb.InferenceServer:
+        if "model_repository_uri" in paths:
+            _check_repository(server.model_repository_uri)
+        if "labels" in paths:
+            _check_backend_label(server.labels)
         updated = await asyncio.to_thread(self.store.update_server, server_id, server, paths)
         runtime = self.server(updated.name)
         if {"grpc_address", "model_repository_uri", "labels"} & set(paths):
             await runtime.backend.close()
             runtime.backend = make_backend(
-                updated, self.config.triton_backend, self.max_message_bytes
+                updated, self.config.triton_backend, self.max_message_bytes, self.s3
             )
         runtime.proto = updated
         await self._check_server(runtime)
@@ -264,6 +278,12 @@ class Router:
     async def _check_server(self, runtime: ServerRuntime) -> None:
         timeout = max(0.2, min(self.config.health_interval_s, 1.0))
         state, reason = await runtime.backend.check(timeout)
+        if state != "READY" and runtime.state == "READY" and runtime.missed_checks == 0:
+            # One late answer from a READY server is a loaded machine more often than a
+            # dead server: the next check decides. A request that fails ejects it at once.
+            runtime.missed_checks = 1
+            return
+        runtime.missed_checks = 0
         if (state, reason) == (runtime.state, runtime.reason):
             return
         was_ready = runtime.state == "READY"
@@ -341,7 +361,13 @@ class Router:
             index = await runtime.backend.index()
         except Exception:
             return
-        for name in runtime.backend.managed():
+        # An s3:// repository is listed over the network: not on the event loop.
+        try:
+            managed = await asyncio.to_thread(runtime.backend.managed)
+        except AimassError as err:
+            log.warning("%s: cannot list its repository: %s", runtime.name, err.message)
+            return
+        for name in managed:
             if name not in needed and index.get(name) in ("READY", "LOADING"):
                 with contextlib.suppress(AimassError):
                     await runtime.backend.unload(name)
@@ -683,6 +709,7 @@ class Router:
         deployment_id = deployment[12:] if deployment.startswith("deployments/") else ""
         plan = self.plans.get(deployment_id)
         if plan is not None:
+            scope.check_visible(plan.deployment.project, f"deployment: {deployment}")
             return plan
         if not deployment_id:
             raise InvalidArgument("deployment", f"{deployment!r} is not deployments/{{deployment}}")
@@ -714,9 +741,10 @@ class Router:
                 " (serving_config.max_queue_size): retry later",
                 retry_after_s=0.05,
             )
-        validate_inputs(
-            request.inputs, request.raw_input_contents, plan.signature, options.max_batch_size
-        )
+        if not plan.input_check.passes(request.inputs, request.raw_input_contents):
+            validate_inputs(
+                request.inputs, request.raw_input_contents, plan.signature, options.max_batch_size
+            )
         if request.model_version:
             if request.model_version not in plan.versions():
                 raise FailedPrecondition(
@@ -956,6 +984,22 @@ def _check_prediction_logging(config: pb.PredictionLogging) -> None:
         raise InvalidArgument(f"{where}.calls_per_file", "must be 0 or more")
     if config.HasField("flush_interval") and config.flush_interval.ToNanoseconds() <= 0:
         raise InvalidArgument(f"{where}.flush_interval", "must be positive")
+
+
+def _check_backend_label(labels: Mapping[str, str]) -> None:
+    """The backend label, when given, names a backend (checked before anything is stored)."""
+    value = labels.get(BACKEND_LABEL)
+    if value is not None and value not in {b.value for b in Backend}:
+        raise InvalidArgument(
+            f"inference_server.labels[{BACKEND_LABEL!r}]",
+            f"must be one of {sorted(b.value for b in Backend)}, got {value!r}",
+        )
+
+
+def _check_repository(uri: str) -> None:
+    """An s3:// repository must be spelled so that Triton reads it too (INVALID_ARGUMENT)."""
+    if uri.startswith("s3://"):
+        parse_s3_repository(uri, "inference_server.model_repository_uri")
 
 
 def _describe(tensors: tuple[object, ...]) -> str:

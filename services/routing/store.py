@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from aimass.core.auth import scope
 from aimass.core.db.base import utcnow
 from aimass.core.db.columns import require_etag
 from aimass.core.db.engine import Database
@@ -274,6 +275,7 @@ class RoutingStore:
         row = session.scalar(select(Deployment).where(Deployment.name == deployment_id))
         if row is None:
             raise NotFound(f"deployments/{deployment_id} not found")
+        scope.check_visible(row.project, f"deployments/{deployment_id}")
         return row
 
     def create_deployment(self, deployment_id: str, deployment: pb.Deployment) -> pb.Deployment:
@@ -313,7 +315,9 @@ class RoutingStore:
     ) -> tuple[list[pb.Deployment], str]:
         allowed = {"state": Deployment.state, "project": Deployment.project}
         with self.database.session(read_only=True) as session:
-            stmt = select(Deployment).where(*_equals_filter(filter_text, allowed))
+            stmt = select(Deployment).where(
+                *_equals_filter(filter_text, allowed), *scope.project_filter(Deployment.project)
+            )
             rows, token = paginate(
                 session, stmt, [Deployment.name, Deployment.id], page_size, page_token
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from aimass.core.auth import scope
 from aimass.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
 from aimass.routing.repository import Signature, TensorInfo, signature_from_onnx
@@ -76,6 +77,12 @@ class VersionResolver:
     async def info(self, name: str, field: str) -> VersionInfo:
         """The version's ONNX file (downloaded once) and signature."""
         if name in self._infos:
+            if scope.caller_project():
+                # Cached for another caller: a scoped one must still be able to see it.
+                try:
+                    await self.stub.GetModelVersion(registry_pb2.GetModelVersionRequest(name=name))
+                except grpc.aio.AioRpcError as err:
+                    raise _registry_error(err, field, name) from err
             return self._infos[name]
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:

@@ -24,8 +24,10 @@ from google.protobuf import json_format
 
 from aimass.common.v1 import common_pb2
 from aimass.core.artifacts import ArtifactStore
-from aimass.core.errors import AimassError, InvalidArgument, NotFound
+from aimass.core.auth import scope
+from aimass.core.errors import AimassError, FailedPrecondition, InvalidArgument, NotFound
 from aimass.training import search, validation
+from aimass.training.scheduling import Scheduler
 from aimass.training.store import TERMINAL, TrainingStore, job_id, struct_to_dict
 from aimass.training.v1 import training_pb2 as tpb
 from aimass.training.v1 import training_pb2_grpc
@@ -75,8 +77,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         data_channel: Callable[[], grpc.aio.Channel],
         notify_outbox: Callable[[], None],
         artifacts: Callable[[], Awaitable[ArtifactStore]] | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.store = store
+        self.scheduler = scheduler
         self.data_channel = data_channel
         self.notify_outbox = notify_outbox
         self.artifacts = artifacts
@@ -89,7 +93,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument("request_id", f"is longer than {MAX_REQUEST_ID} characters")
         job = request.training_job
+        job.project = scope.stamp_project(job.project, "training_job.project")
         validation.check_job_fields(job)
+        await self._check_target_model(job)
         version = await validation.fetch_dataset_version(self.data_channel(), job.dataset_version)
         trials = None
         if job.HasField("hyperparameter_search"):
@@ -100,6 +106,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 validation.check_config(trial.training)
         else:
             await validation.check_spec(job, version)
+        if self.scheduler is not None:  # a request no registered worker can ever meet
+            await self.scheduler.check_fits(job.resources)
         if request.validate_only:
             return job
         created = await asyncio.to_thread(
@@ -111,6 +119,23 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         )
         self.notify_outbox()
         return created
+
+    async def _check_target_model(self, job: tpb.TrainingJob) -> None:
+        """The worker registers the version with the internal token acting for the job's
+        project, so a target model that exists must be in that project: NotFound for a
+        scoped caller (as for any model of another project), FailedPrecondition for an
+        unscoped one that named the job's project. A missing model is created by the
+        worker in the job's project."""
+        if not job.target_model:
+            return
+        project = await asyncio.to_thread(self.store.model_project, job.target_model)
+        if project is None or project == job.project or not job.project:
+            return
+        scope.check_visible(project, f"training_job.target_model: {job.target_model}")
+        raise FailedPrecondition(
+            f"training_job.target_model: {job.target_model} belongs to project {project!r},"
+            f" not to the job's project {job.project!r}"
+        )
 
     async def GetTrainingJob(
         self, request: tpb.GetTrainingJobRequest, context: grpc.aio.ServicerContext
@@ -257,7 +282,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: tpb.CompleteTrainingJobRequest, context: grpc.aio.ServicerContext
     ) -> tpb.CompleteTrainingJobResponse:
         job_id(request.name)
-        state = common_pb2.JobState.Name(request.state).removeprefix("JOB_STATE_")
+        state = _enum_name(common_pb2.JobState, request.state, "state", "JOB_STATE_")
         if state not in TERMINAL:
             raise InvalidArgument("state", f"must be SUCCEEDED, FAILED or CANCELLED, got {state}")
         outputs = struct_to_dict(request.outputs) if request.HasField("outputs") else None
@@ -293,12 +318,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: tpb.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> tpb.Worker:
         worker = _worker_id(request.name, "name")
-        state = tpb.WorkerState.Name(request.state).removeprefix("WORKER_STATE_")
+        state = _enum_name(tpb.WorkerState, request.state, "state", "WORKER_STATE_")
         if state == "UNSPECIFIED":
             state = "IDLE"
         if request.current_job:
             job_id(request.current_job, "current_job")
-        return await asyncio.to_thread(
+        registered = await asyncio.to_thread(
             self.store.register_worker,
             worker,
             request.host,
@@ -307,12 +332,23 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             "GONE" if state == "LOST" else state,
             request.current_job,
         )
+        if self.scheduler is not None:
+            self.scheduler.wake()  # an idle worker may take a queued job now
+        return registered
 
 
 def _worker_id(name: str, field: str = "worker") -> str:
     if not name.startswith("workers/") or not name[len("workers/") :]:
         raise InvalidArgument(field, f"must look like 'workers/{{worker}}', got {name!r}")
     return name[len("workers/") :]
+
+
+def _enum_name(enum: Any, number: int, field: str, prefix: str) -> str:
+    """The short name of ``number`` in ``enum``; an unknown number (proto3 enums are open,
+    any int32 arrives) is the caller's error, not the service's."""
+    if number not in enum.values():
+        raise InvalidArgument(field, f"unknown value {number}")
+    return str(enum.Name(number)).removeprefix(prefix)
 
 
 def _record(index: int, record: tpb.ProgressRecord) -> tuple[str, dict[str, Any]]:
@@ -330,7 +366,8 @@ def _record(index: int, record: tpb.ProgressRecord) -> tuple[str, dict[str, Any]
         return "metrics", payload
     if kind == "log_entry":
         e = record.log_entry
-        stream = tpb.LogStream.Name(e.stream).removeprefix("LOG_STREAM_").lower()
+        field = f"records[{index}].log_entry.stream"
+        stream = _enum_name(tpb.LogStream, e.stream, field, "LOG_STREAM_").lower()
         return "log", {
             "attempt": e.attempt,
             "rank": e.rank,

@@ -26,7 +26,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from aimass.training.trainer import Hooks, SplitSource, TrainingFailed, TrainPlan, TrainResult
+from aimass.training.trainer import (
+    Hooks,
+    SplitSource,
+    TrainingFailed,
+    TrainPlan,
+    TrainResult,
+    process_group_backend,
+)
 
 POLL_S = 0.2
 # A rank that waits longer than this on a collective (a peer host gone) fails the run.
@@ -71,6 +78,7 @@ def _rank_main(
     acks: Any,
     stop: Any,
     reporting_rank: int = 0,
+    backend: str = "gloo",
 ) -> None:
     import torch.distributed as dist
 
@@ -79,14 +87,16 @@ def _rank_main(
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, plan.threads)))
     try:
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=address,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
         try:
-            result = Trainer(plan, source, _QueueHooks(rank, out, acks, stop), rank, world).run()
+            hooks = _QueueHooks(rank, out, acks, stop)
+            local_rank = rank - reporting_rank
+            result = Trainer(plan, source, hooks, rank, world, local_rank).run()
         finally:
             dist.destroy_process_group()
         if rank == reporting_rank:
@@ -118,10 +128,12 @@ def run_distributed(
     local = local or world
     address = address or f"tcp://127.0.0.1:{free_port()}"
     per_rank = TrainPlan(**{**plan.__dict__, "threads": max(1, plan.threads // local or 1)})
+    backend = process_group_backend(plan.device, local)
+    hooks.log(f"process group: {world} ranks over {backend}")
     processes = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world, address, per_rank, source, out, acks, stop, first_rank),
+            args=(rank, world, address, per_rank, source, out, acks, stop, first_rank, backend),
             name=f"{plan.job}-rank{rank}",
             daemon=True,
         )

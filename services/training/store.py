@@ -12,8 +12,8 @@ ORM rows never leave the store: callers get ``TrainingJob`` protos.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -22,15 +22,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from aimass.common.v1 import common_pb2
+from aimass.core.auth import scope
 from aimass.core.db.base import utcnow
 from aimass.core.db.engine import Database
-from aimass.core.db.models import JobEvent, TrainingJob, Worker
+from aimass.core.db.models import JobEvent, RegisteredModel, TrainingJob, Worker
 from aimass.core.db.pagination import paginate
 from aimass.core.errors import Aborted, InvalidArgument, NotFound
 from aimass.core.events import add_event
 from aimass.core.metrics import count_job_end
 from aimass.core.protodict import message_from_dict, message_to_dict
+from aimass.core.telemetry import inject_headers
 from aimass.events.v1 import events_pb2
+from aimass.training import scheduling
 from aimass.training.v1 import training_pb2 as tpb
 
 SOURCE = "training"
@@ -60,6 +63,16 @@ def _ts(value: datetime | None) -> Any:
     if value is not None:
         stamp.FromDatetime(value)
     return stamp
+
+
+# order_by values of ListTrainingJobs -> the paging keys (the last one unique).
+_ORDERS: dict[str, Callable[[], list[Any]]] = {
+    "create_time desc": lambda: [TrainingJob.create_time.desc(), TrainingJob.id.desc()],
+    "create_time": lambda: [TrainingJob.create_time, TrainingJob.id],
+    "create_time asc": lambda: [TrainingJob.create_time, TrainingJob.id],
+    # The order the scheduler admits queued jobs in: highest priority, then oldest.
+    "priority desc": lambda: [TrainingJob.priority.desc(), TrainingJob.create_time, TrainingJob.id],
+}
 
 
 class TrainingStore:
@@ -93,6 +106,12 @@ class TrainingStore:
         if "trial_parameters" in options:
             json_format.ParseDict(options["trial_parameters"], job.trial_parameters)
         job.best_trial = options.get("best_trial", "")
+        for warm in ("init_from", "distillation"):
+            if warm in options:
+                message_from_dict(options[warm], getattr(job, warm))
+        for kind, stored in sorted((options.get("outputs") or {}).items()):
+            if kind in ("onnx", "state_dict") and isinstance(stored, dict):
+                job.output_artifacts.add(kind=kind, **stored)
         for checkpoint in options.get("checkpoints", []):
             job.checkpoints.add(
                 step=checkpoint["step"],
@@ -137,6 +156,7 @@ class TrainingStore:
         row = session.scalars(stmt).one_or_none()
         if row is None:
             raise NotFound(f"{name} does not exist")
+        scope.check_visible(row.project, name)
         return row
 
     # -- events ------------------------------------------------------------------------------
@@ -193,6 +213,18 @@ class TrainingStore:
 
     # -- create, read, list, cancel ----------------------------------------------------------
 
+    def model_project(self, model: str) -> str | None:
+        """The project of registered model ``models/{id}``; None when it does not exist.
+
+        Read here rather than through the registry's API: the caller's own credential
+        cannot tell another project's model from a missing one, and the check must."""
+        with self.db.session(read_only=True) as session:
+            return session.scalar(
+                select(RegisteredModel.project).where(
+                    RegisteredModel.name == model.removeprefix("models/")
+                )
+            )
+
     def create(
         self,
         job: tpb.TrainingJob,
@@ -203,7 +235,9 @@ class TrainingStore:
     ) -> tpb.TrainingJob:
         """Stores a queued job (and its trials) and enqueues it, in one transaction.
 
-        A repeated ``request_id`` returns the job the first call created.
+        A repeated ``request_id`` returns the job the first call created; NotFound when
+        that job is another project's (request ids are unique across projects, and a
+        replay must not hand out another project's job).
         """
         if request_id:
             with self.db.session(read_only=True) as session:
@@ -211,6 +245,7 @@ class TrainingStore:
                     select(TrainingJob).where(TrainingJob.request_id == request_id)
                 ).one_or_none()
                 if existing is not None:
+                    scope.check_visible(existing.project, f"request_id {request_id!r}")
                     return self._to_proto(session, existing)
 
         def work(session: Session) -> tpb.TrainingJob:
@@ -236,10 +271,17 @@ class TrainingStore:
         parent: TrainingJob | None,
     ) -> TrainingJob:
         options: dict[str, Any] = {"evaluate_after": job.evaluate_after, "unit": "steps"}
+        # The scheduler publishes the job later, from its own loop: the creating request's
+        # trace context is kept so the worker's span continues that trace.
+        if trace_headers := inject_headers():
+            options["trace"] = trace_headers
         if job.HasField("resources"):
             options["resources"] = message_to_dict(job.resources)
         if job.HasField("hyperparameter_search"):
             options["search"] = message_to_dict(job.hyperparameter_search)
+        for warm in ("init_from", "distillation"):  # warm starts (aimass.training.warmstart)
+            if job.HasField(warm):
+                options[warm] = message_to_dict(getattr(job, warm))
         row = TrainingJob(
             name=uuid.uuid4().hex[:16],
             display_name=job.description,
@@ -266,30 +308,31 @@ class TrainingStore:
         session.add(row)
         session.flush()
         if not job.HasField("hyperparameter_search"):
+            # Not published yet: the scheduler (``schedule``) releases it to a fitting worker.
             self._add_event(session, row, "state", {"state": "QUEUED", "reason": "", "attempt": 0})
-            hosts = max(1, job.resources.hosts)
-            if hosts == 1:
-                add_event(
-                    session,
-                    JOB_TOPIC,
-                    events_pb2.JobStateChanged(job=PREFIX + row.name, state="QUEUED"),
-                    subject=PREFIX + row.name,
-                    source=SOURCE,
-                )
-            else:
-                self._enqueue_hosts(session, row, range(hosts), hosts, attempt=1)
         return row
 
     @staticmethod
     def _enqueue_hosts(
-        session: Session, row: TrainingJob, ranks: Iterable[int], hosts: int, attempt: int
+        session: Session,
+        row: TrainingJob,
+        ranks: Iterable[int],
+        hosts: int,
+        attempt: int,
+        classes: list[str],
     ) -> None:
-        """One work-queue task per host of a job across several hosts, for one attempt."""
+        """One work-queue task per host of a job across several hosts, for one attempt.
+
+        Host ``rank``'s task goes on the subject of ``classes[rank]``, the resource class
+        of the worker the scheduler matched with that host.
+        """
         for rank in ranks:
             task = tpb.TrainingHostTask(
                 job=PREFIX + row.name, host_rank=rank, hosts=hosts, attempt=attempt
             )
-            add_event(session, JOB_TOPIC, task, subject=PREFIX + row.name, source=SOURCE)
+            topic = scheduling.class_topic(JOB_TOPIC, classes[rank])
+            trace = (row.options or {}).get("trace")
+            add_event(session, topic, task, subject=PREFIX + row.name, source=SOURCE, trace=trace)
 
     def get(self, name: str) -> tpb.TrainingJob:
         with self.db.session(read_only=True, resource=name) as session:
@@ -302,7 +345,7 @@ class TrainingStore:
     def list(
         self, filter_text: str, page_size: int, page_token: str, order_by: str
     ) -> tuple[list[tpb.TrainingJob], str]:
-        stmt = select(TrainingJob)
+        stmt = select(TrainingJob).where(*scope.project_filter(TrainingJob.project))
         with self.db.session(read_only=True) as session:
             for key, value in parse_filter(filter_text):
                 if key == "parent_job":
@@ -316,15 +359,12 @@ class TrainingStore:
                     continue  # applied below: JSON columns differ between backends
                 else:
                     stmt = stmt.where(_FILTER_COLUMNS[key] == value)
-            order = order_by.strip().lower() or "create_time desc"
-            if order not in ("create_time desc", "create_time", "create_time asc"):
-                raise InvalidArgument("order_by", f"unsupported order {order_by!r}")
-            descending = order.endswith("desc")
-            keys = (
-                [TrainingJob.create_time.desc(), TrainingJob.id.desc()]
-                if descending
-                else [TrainingJob.create_time, TrainingJob.id]
-            )
+            order = " ".join(order_by.lower().split()) or "create_time desc"
+            if order not in _ORDERS:
+                raise InvalidArgument(
+                    "order_by", f"unsupported order {order_by!r}; use one of {sorted(_ORDERS)}"
+                )
+            keys = _ORDERS[order]()
             rows, token = paginate(session, stmt, keys, page_size, page_token)
             labels = [(k[7:], v) for k, v in parse_filter(filter_text) if k.startswith("labels.")]
             rows = [r for r in rows if all((r.labels or {}).get(k) == v for k, v in labels)]
@@ -391,7 +431,8 @@ class TrainingStore:
                 rendezvous = {"attempt": row.attempt, "address": address}
                 row.options = {**(row.options or {}), "rendezvous": rendezvous}
                 if row.attempt > 1:  # the other hosts' tasks of attempt 1 were used up
-                    self._enqueue_hosts(session, row, range(1, hosts), hosts, row.attempt)
+                    classes = (row.options or {}).get("release", {}).get("classes", [])
+                    self._enqueue_hosts(session, row, range(1, hosts), hosts, row.attempt, classes)
             return self._to_proto(session, row)
 
         return self._retrying(work)
@@ -570,12 +611,147 @@ class TrainingStore:
                 ],
             }
 
+    # -- admission (aimass.training.scheduling) ------------------------------------------------
+
+    def schedule(self, config: scheduling.SchedulingConfig) -> int:
+        """One admission pass: releases QUEUED jobs to free fitting workers; returns how many.
+
+        A released job is published on its matched workers' class subjects and marked
+        ``options.release`` (it stays QUEUED until a worker claims it, and holds a worker of
+        that class meanwhile). A job that stays QUEUED gets the reason it waits.
+        """
+
+        def work(session: Session) -> int:
+            free = self._free_workers(session, config.worker_stale_s)
+            admitted = self._admitted(session)
+            queued = session.scalars(
+                select(TrainingJob)
+                .where(TrainingJob.state == "QUEUED")
+                .order_by(TrainingJob.priority.desc(), TrainingJob.create_time, TrainingJob.id)
+            )
+            rows: dict[int, TrainingJob] = {}
+            candidates: list[scheduling.Candidate] = []
+            parallel: dict[int, int] = {}
+            for row in queued:
+                release = (row.options or {}).get("release")
+                if release:  # released, not claimed yet: its workers are promised
+                    free = scheduling.take_reserved(free, release.get("classes", []))
+                    self._count_admitted(admitted, row)
+                    continue
+                rows[row.id] = row
+                candidates.append(self._candidate(session, row, parallel))
+            if not candidates:
+                return 0
+            decision = scheduling.plan(
+                candidates, free, admitted, config.quotas, config.default_quota
+            )
+            for candidate, workers in decision.releases:
+                self._release(session, rows[candidate.key], workers)
+            for key, reason in decision.waiting.items():
+                if rows[key].reason != reason:
+                    rows[key].reason = reason
+            return len(decision.releases)
+
+        return self._retrying(work)
+
+    @staticmethod
+    def _free_workers(session: Session, stale_s: float) -> list[scheduling.FreeWorker]:
+        """Idle workers heard from within ``stale_s`` that declared a resource class."""
+        cutoff = utcnow() - timedelta(seconds=stale_s)
+        stmt = (
+            select(Worker)
+            .where(
+                Worker.kind == "training",
+                Worker.state == "IDLE",
+                Worker.heartbeat_time >= cutoff,
+            )
+            .order_by(Worker.name)
+            .with_for_update()  # serializes passes of several service replicas (PostgreSQL)
+        )
+        free = []
+        for row in session.scalars(stmt):
+            declared = scheduling.declared_offer(row.capabilities or {})
+            if declared is not None:
+                free.append(scheduling.FreeWorker(row.name, *declared))
+        return free
+
+    @staticmethod
+    def _count_admitted(admitted: scheduling.Admitted, row: TrainingJob) -> None:
+        admitted.by_project[row.project] += 1
+        if row.parent_id is not None:
+            admitted.by_parent[row.parent_id] += 1
+
+    def _admitted(self, session: Session) -> scheduling.Admitted:
+        """Running jobs, by project and by search (search parents themselves excluded)."""
+        admitted = scheduling.Admitted()
+        running = session.scalars(
+            select(TrainingJob).where(TrainingJob.state.in_(("RUNNING", "CANCELLING")))
+        )
+        for row in running:
+            if (row.options or {}).get("unit") != "trials":
+                self._count_admitted(admitted, row)
+        return admitted
+
+    @staticmethod
+    def _candidate(
+        session: Session, row: TrainingJob, parallel: dict[int, int]
+    ) -> scheduling.Candidate:
+        options = row.options or {}
+        request = tpb.Resources()
+        message_from_dict(options.get("resources", {}), request)
+        if row.parent_id is not None and row.parent_id not in parallel:
+            parent = session.get(TrainingJob, row.parent_id)
+            search = (parent.options or {}).get("search", {}) if parent else {}
+            parallel[row.parent_id] = int(search.get("max_parallel_trials", 0) or 0)
+        return scheduling.Candidate(
+            key=row.id,
+            project=row.project,
+            request=request,
+            parent=row.parent_id,
+            max_parallel=parallel.get(row.parent_id, 0) if row.parent_id is not None else 0,
+        )
+
+    def _release(
+        self, session: Session, row: TrainingJob, workers: list[scheduling.FreeWorker]
+    ) -> None:
+        """Publishes the job on the class subject of each matched worker (one per host)."""
+        classes = [w.resource_class for w in workers]
+        release = {"classes": classes, "workers": [w.name for w in workers]}
+        row.options = {**(row.options or {}), "release": release}
+        row.reason = ""
+        if len(workers) == 1:
+            add_event(
+                session,
+                scheduling.class_topic(JOB_TOPIC, classes[0]),
+                events_pb2.JobStateChanged(job=PREFIX + row.name, state="QUEUED"),
+                subject=PREFIX + row.name,
+                source=SOURCE,
+                trace=(row.options or {}).get("trace"),
+            )
+        else:
+            self._enqueue_hosts(session, row, range(len(workers)), len(workers), 1, classes)
+
+    def worker_offers(self, stale_s: float) -> list[tuple[str, tpb.Resources]]:
+        """(name, offer) of the workers that count at create time: registered with a resource
+        class, not gone, and busy or heard from within ``stale_s``."""
+        cutoff = utcnow() - timedelta(seconds=stale_s)
+        with self.db.session(read_only=True) as session:
+            stmt = select(Worker).where(Worker.kind == "training", Worker.state != "GONE")
+            offers = []
+            for row in session.scalars(stmt.order_by(Worker.name)):
+                declared = scheduling.declared_offer(row.capabilities or {})
+                fresh = row.heartbeat_time is not None and row.heartbeat_time >= cutoff
+                if declared is not None and (row.state == "BUSY" or fresh):
+                    offers.append((f"workers/{row.name}", declared[1]))
+            return offers
+
     # -- workers -----------------------------------------------------------------------------
 
     def register_worker(
         self, name: str, host: str, pid: int, capabilities: dict, state: str, current_job: str
     ) -> tpb.Worker:
         """Registers the worker or records its state (IDLE, BUSY, GONE)."""
+        scheduling.check_declared(capabilities)
 
         def work(session: Session) -> tpb.Worker:
             row = session.scalars(select(Worker).where(Worker.name == name)).one_or_none()
@@ -620,6 +796,7 @@ class TrainingStore:
             heartbeat_time=_ts(row.heartbeat_time),
             register_time=_ts(row.create_time),
             software_version=str((row.capabilities or {}).get("version", "")),
+            resource_class=str((row.capabilities or {}).get("resource_class", "")),
         )
         message_from_dict((row.capabilities or {}).get("resources", {}), worker.resources)
         return worker

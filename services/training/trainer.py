@@ -34,6 +34,7 @@ import torch
 
 from aimass.core import nn as ann
 from aimass.core.errors import InvalidArgument
+from aimass.training import warmstart
 from aimass.training.v1 import training_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,14 @@ class TrainPlan:
     resume_from: str = ""  # local path of the checkpoint to resume from
     threads: int = 0
     export: bool = True
+    # Warm start (:mod:`aimass.training.warmstart`): local paths of the initial state dict
+    # and of the distillation teacher's ONNX file, empty when not used.
+    init_state: str = ""
+    keep_zero_weights: bool = False
+    teacher_onnx: str = ""
+    temperature: float = 4.0
+    alpha: float = 0.5
+    device: str = "cpu"  # "cpu", or "cuda": each process takes the GPU of its local rank
 
     @property
     def model_spec(self) -> tpb.ModelSpec:
@@ -202,17 +211,49 @@ def lr_factor(config: tpb.TrainingConfig, total_steps: int) -> Callable[[int], f
 
 
 def _rng_state() -> dict[str, Any]:
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
+    # Dropout on a GPU draws from the CUDA generator: saved too, so a resumed GPU run
+    # continues the same masks.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """The device of one process: ``cuda:<local rank mod GPUs>`` for a GPU plan, else the CPU.
+
+    Raises TrainingFailed when the plan asks for a GPU and this host has none, rather than
+    training silently on the CPU at a fraction of the speed the job was sized for.
+    """
+    if requested != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainingFailed(
+            "training_job.resources.gpus: the job asks for GPUs but this worker has no CUDA device"
+        )
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def process_group_backend(device: str, local_processes: int) -> str:
+    """nccl when every local process has a GPU of its own, else gloo (nccl refuses two ranks
+    on one GPU; gloo also reduces CUDA tensors, through host memory)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return "gloo"
+    if not torch.distributed.is_nccl_available():
+        return "gloo"
+    return "nccl" if local_processes <= torch.cuda.device_count() else "gloo"
 
 
 def epoch_order(seed: int, epoch: int, rows: int) -> torch.Tensor:
@@ -223,13 +264,16 @@ def epoch_order(seed: int, epoch: int, rows: int) -> torch.Tensor:
 class _Distributed:
     """The few collectives the loop needs; no-ops in a single process."""
 
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, device: torch.device) -> None:
         self.rank, self.world = rank, world
+        # nccl reduces only tensors on the GPU; gloo takes CPU tensors.
+        on_gpu = world > 1 and torch.distributed.get_backend() == "nccl"
+        self.device = device if on_gpu else torch.device("cpu")
 
     def sum(self, value: float) -> float:
         if self.world == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor)
         return float(tensor.item())
 
@@ -256,10 +300,17 @@ class Trainer:
     """One process's share of a job. Call :meth:`run`."""
 
     def __init__(
-        self, plan: TrainPlan, source: SplitSource, hooks: Hooks, rank: int = 0, world: int = 1
+        self,
+        plan: TrainPlan,
+        source: SplitSource,
+        hooks: Hooks,
+        rank: int = 0,
+        world: int = 1,
+        local_rank: int = 0,
     ) -> None:
         self.plan, self.source, self.hooks = plan, source, hooks
-        self.dist = _Distributed(rank, world)
+        self.device = pick_device(plan.device, local_rank)
+        self.dist = _Distributed(rank, world, self.device)
         self.config = plan.training
         self.resolved = resolve(self.config)
         self.work_dir = Path(plan.work_dir)
@@ -271,21 +322,36 @@ class Trainer:
         np.random.seed(self.config.seed % 2**32)
         random.seed(self.config.seed)
         self.built = ann.build_model(self.plan.model_spec, data)
+        self.masks = self._initial_state()
         train = self.source.read("train")
         if train.num_rows == 0:
             raise TrainingFailed("dataset_version: the train split is empty")
-        self.train_x, self.train_y = ann.table_to_tensors(train, self.built.signature)
+        # The splits move to the device once: a step then only gathers rows there.
+        self.train_x, self.train_y = self._on_device(
+            ann.table_to_tensors(train, self.built.signature)
+        )
         valid = self.source.read("valid")
         self.valid_x, self.valid_y = (
-            ann.table_to_tensors(valid, self.built.signature) if valid.num_rows else ((), None)
+            self._on_device(ann.table_to_tensors(valid, self.built.signature))
+            if valid.num_rows
+            else ((), None)
         )
         self.loss_sum = ann.loss_function(self.built.signature, reduction="sum")
+        self.teacher = self._teacher_targets()
+
+    def _on_device(self, tensors: tuple[Any, Any]) -> tuple[tuple[torch.Tensor, ...], Any]:
+        inputs, labels = tensors
+        return tuple(t.to(self.device) for t in inputs), labels.to(self.device)
 
     def _setup_model(self) -> None:
-        module = self.built.module
+        module = self.built.module.to(self.device)
         self.model: torch.nn.Module = module
+        if self.device.type == "cuda" and self.dist.rank == 0:
+            name = torch.cuda.get_device_name(self.device)
+            self.hooks.log(f"training on {self.device} ({name})")
         if self.dist.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(module)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         self.optimizer = make_optimizer(module.parameters(), self.config, self.resolved)
         rows = int(self.train_x[0].shape[0])
         global_batch = self.resolved.batch_size * self.dist.world
@@ -310,6 +376,39 @@ class Trainer:
         self.hooks.log(
             f"resumed from the checkpoint of step {self.state.step} (epoch {self.state.epoch + 1})"
         )
+
+    def _initial_state(self) -> warmstart.Masks:
+        if not self.plan.init_state:
+            return {}
+        try:
+            masks = warmstart.load_initial_state(
+                self.built.module, Path(self.plan.init_state), self.plan.keep_zero_weights
+            )
+        except warmstart.WarmStartFailed as err:
+            raise TrainingFailed(str(err)) from err
+        self.hooks.log("started from the initial state of training_job.init_from")
+        return masks
+
+    def _teacher_targets(self) -> torch.Tensor | None:
+        """The teacher's outputs for every train row, on the device (None: no distillation)."""
+        if not self.plan.teacher_onnx:
+            return None
+        path = Path(self.plan.teacher_onnx)
+        teacher_parameters = warmstart.onnx_parameter_count(path)
+        if self.built.parameter_count >= teacher_parameters:
+            raise TrainingFailed(
+                f"training_job.model: the student has {self.built.parameter_count} parameters, "
+                f"not fewer than the teacher's {teacher_parameters}"
+            )
+        module = self.built.module.eval()
+        with torch.no_grad():  # the student's output width, on one CPU row
+            outputs = int(module(*(t[:1].cpu() for t in self.train_x)).reshape(1, -1).shape[1])
+        module.train()
+        try:
+            targets = warmstart.soft_targets(path, self.train_x, outputs)
+        except warmstart.WarmStartFailed as err:
+            raise TrainingFailed(str(err)) from err
+        return targets.to(self.train_y.device)
 
     # -- checkpoints --
     def _checkpoint(self) -> None:
@@ -352,12 +451,18 @@ class Trainer:
         return torch.tensor_split(rows, self.dist.world)[self.dist.rank]
 
     def _step(self, rows: torch.Tensor, global_rows: int) -> float:
+        rows = rows.to(self.device, non_blocking=True)
         inputs = tuple(t[rows] for t in self.train_x)
         labels = self.train_y[rows]
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.resolved.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.resolved.bf16):
             outputs = self.model(*inputs)
         loss_sum = self.loss_sum(outputs.float(), labels)
+        if self.teacher is not None:
+            loss_sum = warmstart.distillation_loss_sum(
+                outputs.float(), self.teacher[rows], loss_sum, self.built.signature,
+                self.plan.temperature, self.plan.alpha,
+            )  # fmt: skip
         # Scaled so DDP's average over ranks is the global batch's mean loss gradient.
         (loss_sum * (self.dist.world / global_rows)).backward()
         if self.config.gradient_clip_norm > 0:
@@ -365,6 +470,7 @@ class Trainer:
                 self.built.module.parameters(), self.config.gradient_clip_norm
             )
         self.optimizer.step()
+        warmstart.apply_masks(self.built.module, self.masks)
         self.scheduler.step()
         return self.dist.sum(float(loss_sum.detach())) / global_rows
 
@@ -507,11 +613,12 @@ class Trainer:
         return result
 
     def _export(self, result: TrainResult) -> None:
-        module = self.built.module
+        # Exported from the CPU: the files must load on hosts without a GPU.
+        module = self.built.module.to("cpu")
         state_path = self.work_dir / "model.pt"
         torch.save(module.state_dict(), state_path)
         source = self.valid_x if self.valid_y is not None else self.train_x
-        sample = tuple(t[:16] for t in source)
+        sample = tuple(t[:16].cpu() for t in source)
         exported = ann.export_onnx(
             module, self.built.signature, self.work_dir / "model.onnx", sample=sample
         )

@@ -88,6 +88,40 @@ def check_job_fields(job: tpb.TrainingJob) -> None:
             f"{JOB}.model", f"set one architecture: {', '.join(ann.ARCHITECTURES)}"
         )
     check_config(job.training)
+    check_warm_start(job)
+
+
+def _version_name(value: str, field: str) -> None:
+    parts = value.split("/")
+    if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions":
+        raise InvalidArgument(
+            f"{JOB}.{field}",
+            f"must look like 'models/{{model}}/versions/{{version}}', got {value!r}",
+        )
+
+
+def check_warm_start(job: tpb.TrainingJob) -> None:
+    """init_from and distillation: a source each, numbers in range."""
+    if job.HasField("init_from"):
+        source = job.init_from.WhichOneof("source")
+        if source is None:
+            raise InvalidArgument(f"{JOB}.init_from", "set model_version or state_dict_uri")
+        if source == "model_version":
+            _version_name(job.init_from.model_version, "init_from.model_version")
+    if job.HasField("distillation"):
+        distillation = job.distillation
+        teacher = distillation.WhichOneof("teacher")
+        if teacher is None:
+            raise InvalidArgument(
+                f"{JOB}.distillation", "set teacher_model_version or teacher_onnx_uri"
+            )
+        if teacher == "teacher_model_version":
+            _version_name(distillation.teacher_model_version, "distillation.teacher_model_version")
+        if distillation.temperature < 0:
+            raise InvalidArgument(f"{JOB}.distillation.temperature", "must be > 0 (0: 4)")
+        if not 0 <= distillation.alpha <= 1:
+            raise InvalidArgument(f"{JOB}.distillation.alpha", "must be in [0, 1]")
+        _at_least(distillation.teacher_parameter_count, 0, "distillation.teacher_parameter_count")
 
 
 async def fetch_dataset_version(channel: grpc.aio.Channel, name: str) -> Any:
@@ -127,7 +161,14 @@ async def check_spec(job: tpb.TrainingJob, version: Any) -> ann.DataSignature:
             )
         return data
     try:
-        await asyncio.to_thread(ann.build_model, job.model, data)
+        built = await asyncio.to_thread(ann.build_model, job.model, data)
     except InvalidArgument as err:
         raise _prefixed(err) from err
+    teacher = job.distillation.teacher_parameter_count
+    if teacher and built.parameter_count >= teacher:
+        raise InvalidArgument(
+            f"{JOB}.model",
+            f"a distillation student must be smaller than its teacher: it has "
+            f"{built.parameter_count} parameters, the teacher {teacher}",
+        )
     return data

@@ -55,7 +55,7 @@ from aimass.common.v1 import common_pb2
 from aimass.core import nn as ann
 from aimass.core.artifacts import ArtifactStore, open_artifact_store
 from aimass.core.auth import outgoing_credentials
-from aimass.core.auth.hook import INTERNAL_HEADER
+from aimass.core.auth.hook import acting_for_project, internal_headers
 from aimass.core.clients import ServiceChannels
 from aimass.core.errors import AimassError, FailedPrecondition, NotFound, Unavailable
 from aimass.core.events import EventBus, Job
@@ -63,7 +63,7 @@ from aimass.core.logging import configure_logging
 from aimass.core.protodict import message_to_dict
 from aimass.core.settings import Settings, load_settings
 from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
-from aimass.training import search
+from aimass.training import scheduling, search, warmstart
 from aimass.training.ddp import free_port, run_distributed
 from aimass.training.sources import ServiceSplitSource
 from aimass.training.store import job_id, struct_to_dict
@@ -75,6 +75,8 @@ from aimass.training.validation import fetch_dataset_version
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+# An idle worker re-registers this often: the scheduler only hands jobs to live workers.
+IDLE_HEARTBEAT_S = 5.0
 # How long a host > 0 waits for host 0 to start the attempt before giving the task back.
 JOIN_WAIT_S = 60.0
 CHUNK = 1 << 20
@@ -193,8 +195,13 @@ class TrainingWorker:
         max_deliver: int = 5,
         addresses: Mapping[str, str] | None = None,
         advertise_address: str = "",
+        resources: tpb.Resources | None = None,
+        resource_class: str = "",
     ) -> None:
         self.settings = settings
+        # What this worker offers, and the class (work-queue subject) it pulls jobs from.
+        self.offer = resources if resources is not None else scheduling.detect_offer()
+        self.resource_class = scheduling.resource_class(self.offer, resource_class)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.threads = threads
         self.ack_wait_s = ack_wait_s
@@ -213,7 +220,14 @@ class TrainingWorker:
     async def _register(self, state: str, current_job: str = "") -> None:
         """Records the worker's state with the service; best effort (the queue is the truth)."""
         capabilities = struct_pb2.Struct()
-        capabilities.update({"threads": self.threads, "cpus": os.cpu_count() or 0})
+        capabilities.update(
+            {
+                "threads": self.threads,
+                "cpus": os.cpu_count() or 0,
+                "resources": message_to_dict(self.offer),
+                "resource_class": self.resource_class,
+            }
+        )
         request = tpb.RegisterWorkerRequest(
             name=f"workers/{self.name}",
             host=socket.gethostname(),
@@ -233,17 +247,26 @@ class TrainingWorker:
         bus = await EventBus.connect(self.settings, f"aimass-worker-{self.name}")
         await bus.ensure_streams()
         queue = await bus.job_queue(
-            "training", ack_wait_s=self.ack_wait_s, max_deliver=self.max_deliver
+            "training",
+            ack_wait_s=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            subqueue=self.resource_class,
         )
         await self._register("IDLE")
-        log.info("worker %s pulls training jobs", self.name)
+        log.info("worker %s pulls training jobs of class %s", self.name, self.resource_class)
+        loop = asyncio.get_running_loop()
+        last_beat = loop.time()
         try:
             while not stop.is_set() and (max_jobs is None or self.jobs_done < max_jobs):
                 job = await queue.pull(timeout_s=1.0)
                 if job is None:
+                    if loop.time() - last_beat >= IDLE_HEARTBEAT_S:
+                        await self._register("IDLE")
+                        last_beat = loop.time()
                     continue
                 await self.handle(job)
                 self.jobs_done += 1
+                last_beat = loop.time()
         finally:
             await self._register("LOST")
             await queue.close()
@@ -377,7 +400,11 @@ class TrainingWorker:
             await self._fail(job, reporter, err.message)
             return
         data = ann.data_signature_from_version(version)
-        plan = await self._plan(job, data, work_dir)
+        try:
+            plan = await self._plan(job, data, work_dir)
+        except (NotFound, FailedPrecondition) as err:  # init_from / teacher cannot be read
+            await self._fail(job, reporter, err.message)
+            return
         source = ServiceSplitSource(self.channels.address("data"), job.dataset_version)
         hooks = _Hooks(self, reporter, asyncio.get_running_loop())
         monitor = asyncio.create_task(self._report_periodically(reporter, hooks))
@@ -413,7 +440,11 @@ class TrainingWorker:
     ) -> TrainPlan:
         await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
         resume = await self._download_checkpoint(job, work_dir)
+        warm = await warmstart.fetch_files(
+            job, work_dir, self.artifacts, self.channels.get("registry")
+        )
         return TrainPlan(
+            **warm,
             job=job.name,
             spec=job.model.SerializeToString(),
             config=job.training.SerializeToString(),
@@ -421,6 +452,7 @@ class TrainingWorker:
             work_dir=str(work_dir),
             resume_from=str(resume) if resume else "",
             threads=self.threads,
+            device="cuda" if job.resources.gpus > 0 else "cpu",
         )
 
     def _train(
@@ -437,7 +469,7 @@ class TrainingWorker:
             world, first = local * hosts, host_rank * local
             hooks.log(
                 f"host {host_rank} of {hosts}: ranks {first}..{first + local - 1} of {world}, "
-                f"rendezvous {job.rendezvous_address} (gloo)"
+                f"rendezvous {job.rendezvous_address}"
             )
             return run_distributed(
                 plan,
@@ -449,7 +481,7 @@ class TrainingWorker:
                 address=job.rendezvous_address,
             )
         if local > 1:
-            hooks.log(f"data parallel over {local} processes (gloo)")
+            hooks.log(f"data parallel over {local} processes")
             return run_distributed(plan, source, hooks, local)
         return Trainer(plan, source, hooks).run()
 
@@ -473,6 +505,7 @@ class TrainingWorker:
             await delivery.nak(delay_s=2.0)  # host 0 has not started it yet
             return
         log.info("%s: host %s joins attempt %s", name, task.host_rank, task.attempt)
+        await self._register("BUSY", name)  # no new job while this host's ranks run
         reporter = _Reporter(self, job)
         work_dir = self.work_root / job_id(name) / f"{job.status.attempt}-host{task.host_rank}"
         hooks = _Hooks(self, reporter, asyncio.get_running_loop())
@@ -496,6 +529,7 @@ class TrainingWorker:
             with contextlib.suppress(AimassError):
                 await reporter.flush()
             shutil.rmtree(work_dir, ignore_errors=True)
+            await self._register("IDLE")
         await delivery.ack()
 
     async def _wait_for_attempt(
@@ -584,7 +618,19 @@ class TrainingWorker:
         outputs: dict[str, Any],
         metrics: dict[str, float],
     ) -> str:
-        """Uploads the outputs to the registry and creates the version (idempotent per job)."""
+        """Uploads the outputs to the registry and creates the version (idempotent per job),
+        acting for the job's project: a model created here lands in it, and another
+        project's model (made since the job was admitted) answers NOT_FOUND."""
+        with acting_for_project(job.project):
+            return await self._register_version(job, source_job, outputs, metrics)
+
+    async def _register_version(
+        self,
+        job: tpb.TrainingJob,
+        source_job: str,
+        outputs: dict[str, Any],
+        metrics: dict[str, float],
+    ) -> str:
         stub = registry_pb2_grpc.RegistryServiceStub(self.channels.get("registry"))
         model_id = job.target_model.removeprefix("models/")
         try:
@@ -730,7 +776,7 @@ def _credentials(settings: Settings) -> Callable[[], Mapping[str, str]]:
     """What the worker's calls carry: the stack's internal token when auth is on."""
     token = settings.auth.internal_token if settings.auth.enabled else None
     if token:
-        return lambda: {INTERNAL_HEADER: token}
+        return lambda: internal_headers(token)
     return outgoing_credentials
 
 
@@ -752,7 +798,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--ack-wait", type=float, default=30.0, help="seconds before redelivery")
     parser.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
+    offer = parser.add_argument_group(
+        "what the worker offers (default: detected) and the resource class it pulls from"
+    )
+    offer.add_argument(
+        "--resource-class", default="", help="class name (default: derived from the offer)"
+    )
+    offer.add_argument("--cpus", type=float, default=0, help="CPU cores (default: all)")
+    offer.add_argument("--gpus", type=int, default=None, help="GPUs (default: CUDA devices)")
+    offer.add_argument("--gpu-type", default="", help='GPU model, e.g. "H100"')
+    offer.add_argument("--memory-gib", type=float, default=0, help="memory (default: all)")
+    offer.add_argument(
+        "--processes", type=int, default=0, help="most processes per job (default: no limit)"
+    )
+    offer.add_argument(
+        "--label", action="append", default=[], help="KEY=VALUE a job may ask for (repeatable)"
+    )
     return parser.parse_args(argv)
+
+
+def offer_from_args(args: argparse.Namespace) -> tpb.Resources:
+    """The worker's offer: what the flags say, detected where they say nothing."""
+    offer = scheduling.detect_offer(
+        processes=args.processes, cpus=args.cpus, gpus=args.gpus, gpu_type=args.gpu_type
+    )
+    if args.memory_gib:
+        offer.memory_bytes = int(args.memory_gib * scheduling.GIB)
+    for label in args.label:
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--label: must look like KEY=VALUE, got {label!r}")
+        offer.labels[key] = value
+    return offer
 
 
 async def serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -763,7 +840,12 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     worker = TrainingWorker(
-        settings, name=args.name, threads=args.threads, ack_wait_s=args.ack_wait
+        settings,
+        name=args.name,
+        threads=args.threads,
+        ack_wait_s=args.ack_wait,
+        resources=offer_from_args(args),
+        resource_class=args.resource_class,
     )
     await worker.run(stop, args.max_jobs)
 

@@ -15,6 +15,7 @@ teacher's parameters within 2 points.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from aimass.compression import measure as ms
 from aimass.compression import recipe as rc
 from aimass.compression import structural as sx
+from aimass.compression import training_jobs as tj
 from aimass.compression.v1 import compression_pb2 as pb
 from aimass.core import nn as ann
 
@@ -63,18 +65,18 @@ def train(spec: dict, train_table: pa.Table, label: str, epochs: int) -> sx.Torc
 
 
 def bench_model(name: str, model: sx.TorchModel, train_table: pa.Table, test_table: pa.Table,
-                quick: bool, work: Path) -> list[str]:  # fmt: skip
+                quick: bool, work: Path, records: list[dict]) -> list[str]:  # fmt: skip
     parent = work / f"{name}.onnx"
     arrays = ann.input_arrays(test_table, model.signature)
     sample = tuple(torch.from_numpy(a[:8]) for a in arrays)
     ann.export_onnx(model.module, model.signature, parent, sample=sample)
     feeds = {"input": arrays[0]}
     evaluation = rc.EvalData(feeds, ann.label_array(test_table, model.signature), "c", "accuracy")
-    train_inputs, train_labels = ann.table_to_tensors(train_table, model.signature)
+    train_inputs, _ = ann.table_to_tensors(train_table, model.signature)
     calibration = [{"input": train_inputs[0][i : i + 64].numpy()} for i in range(0, 512, 64)]
     inputs = rc.Inputs(
         parent, model, "", evaluation, calibration=lambda s: calibration,
-        training=lambda: sx.TrainData(train_inputs, train_labels),
+        train=tj.train_in_process({"train": train_table}),
     )  # fmt: skip
     epochs = 2 if quick else 5
     steps = [
@@ -104,10 +106,21 @@ def bench_model(name: str, model: sx.TorchModel, train_table: pa.Table, test_tab
     rows = []
     for outcome in outcomes:
         if outcome.onnx_path is None:
+            records.append({"model": name, "step": outcome.name, "status": str(outcome.status),
+                            "reason": outcome.reason})  # fmt: skip
             rows.append(f"| {name} | {outcome.name} | {outcome.status}: {outcome.reason} |||||")
             continue
         f = figures[outcome.name]
         params = outcome.params.get("parameters", f.parameter_count)
+        records.append({
+            "model": name, "step": outcome.name, "status": str(outcome.status),
+            "file_ratio": f.file_size_bytes / base.file_size_bytes,
+            "params_ratio": params / model.parameter_count,
+            "throughput_ratio": f.throughput_rows_per_second / base.throughput_rows_per_second,
+            "p50_ratio": f.latency_p50_ms / base.latency_p50_ms,
+            "file_bytes": f.file_size_bytes, "parent_file_bytes": base.file_size_bytes,
+            "metric_before": result.parent_metric, "metric_after": outcome.metric_after,
+        })  # fmt: skip
         rows.append(
             f"| {name} | {outcome.name} | {f.file_size_bytes / base.file_size_bytes:.2f} | "
             f"{params / model.parameter_count:.2f} | "
@@ -144,18 +157,22 @@ def main() -> None:
         "| model | step | file x | params x | throughput @64 | p50 @1 x | accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
+    records: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, spec, train_table, test_table, label, model_epochs) in enumerate(models):
             model = train(spec, train_table, label, model_epochs)
             work = Path(scratch) / str(index)
             work.mkdir()
             lines += bench_model(name.split()[0].lower(), model, train_table, test_table,
-                                 args.quick, work)  # fmt: skip
+                                 args.quick, work, records)  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+        # Machine-readable beside the table: tests/bench/report.py draws the plots from it.
+        results = {"bench": "compression", "quick": args.quick, "rows": records}
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

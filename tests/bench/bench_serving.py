@@ -15,27 +15,42 @@ then measures from this one client process (closed loop, grpc.aio):
 - the hop's ceiling: a grpc.aio server in its own process answering fixed bytes, and
   the same server behind aimass's interceptor and tracer (the interceptor's cost);
 - added latency of the hop at batch 1 (p50, p99), the dynamic-batching gain, and
-  canary weights (90/10) over 10,000 requests on both paths.
+  canary weights (90/10) over 10,000 requests on both paths;
+- the peers of the MLP at concurrency 1/8/32: ONNX Runtime in this process (threads
+  calling one session with one intra-op thread, no network), aimass REST (POST :predict
+  through the gateway, JSON with base64 tensors, then the router and Triton), and
+  ``mlflow models serve`` of the same ONNX model (POST /invocations; its own .venv-mlflow,
+  see mlflow_peer.py; the row is skipped with the reason printed when that cannot be
+  installed). Both HTTP rows use one aiohttp session with keep-alive and the same closed
+  loop as the gRPC rows.
 
 Targets are measured in interleaved rounds and the median kept (2 noisy cores).
 ``--profile-router FILE`` runs the routing service under cProfile and writes its stats.
+With ``--out FILE``, every measured figure also goes to FILE with the suffix .json
+(tests/bench/report.py draws the plots from it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
+import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 
@@ -46,6 +61,7 @@ from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.v1 import routing_pb2_grpc
 from aimass.serving import Endpoint, encode_request
 from aimass.serving.endpoint import INFER_METHOD, decode_response
+from tests.bench import mlflow_peer
 from tests.fixtures.nats import NatsServer
 from tests.fixtures.stack import free_port
 from tests.routing.conftest import RoutingStack, TritonProcess
@@ -145,7 +161,7 @@ def start_service(
     return subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-async def wait_serving(address: str, timeout_s: float = 60) -> None:
+async def wait_serving(address: str, timeout_s: float = 180) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
@@ -183,11 +199,151 @@ async def closed_loop(
     return len(latencies) / (time.perf_counter() - began), latencies
 
 
+def threaded_loop(
+    call: Callable[[], object], concurrency: int, seconds: float
+) -> tuple[float, list[float]]:
+    """closed_loop's figures for a blocking call: ``concurrency`` threads for ``seconds``."""
+    latencies: list[float] = []  # list.append is atomic under the GIL
+
+    def caller() -> None:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            call()
+            latencies.append(time.perf_counter() - started)
+
+    for _ in range(20):  # warm-up
+        call()
+    threads = [threading.Thread(target=caller) for _ in range(concurrency)]
+    began = time.perf_counter()
+    stop = began + seconds
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(latencies) / (time.perf_counter() - began), latencies
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000
 
 
-async def run(quick: bool, profile: Path | None = None) -> list[str]:
+PEER_CONCURRENCY = (1, 8, 32)
+IN_PROCESS, REST, MLFLOW = "onnxruntime in-process", "aimass REST", "mlflow models serve"
+# The MLP's paths in the peer table and plots, fastest-possible first.
+PATHS = {
+    IN_PROCESS: "ONNX Runtime in-process", "direct": "Triton direct (gRPC)",
+    "fast path": "aimass SDK fast path", "router": "aimass router (gRPC)",
+    REST: "aimass REST (gateway)", MLFLOW: "mlflow models serve",
+}  # fmt: skip
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+@dataclass
+class Peers:
+    """The MLP's peer paths: target -> call (the in-process one blocks), and their client."""
+
+    calls: dict[str, Callable[[], Any]]
+    http: aiohttp.ClientSession
+    mlflow_skipped: str | None  # why the mlflow row is missing, if it is
+
+
+def rest_caller(
+    http: aiohttp.ClientSession, port: int, feeds: dict[str, np.ndarray]
+) -> Callable[[], Awaitable[np.ndarray]]:
+    """POST :predict through the gateway: proto3 JSON, tensors as base64 raw bytes."""
+    url = f"http://127.0.0.1:{port}/v1/deployments/mlp:predict"
+    ((name, array),) = feeds.items()
+    body = json.dumps({
+        "inputs": [{"name": name, "datatype": "FP32", "shape": list(array.shape)}],
+        "rawInputContents": [base64.b64encode(array.tobytes()).decode()],
+    }).encode()  # fmt: skip
+
+    async def call() -> np.ndarray:
+        async with http.post(url, data=body, headers=JSON_HEADERS) as reply:
+            payload = await reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"REST :predict answered {reply.status}: {payload[:200]!r}")
+        raw = json.loads(payload)["rawOutputContents"][0]
+        return np.frombuffer(base64.b64decode(raw), np.float32)
+
+    return call
+
+
+def mlflow_caller(
+    http: aiohttp.ClientSession, port: int, feeds: dict[str, np.ndarray]
+) -> Callable[[], Awaitable[np.ndarray]]:
+    """POST /invocations of ``mlflow models serve``: tensors as JSON lists, decoded to numpy."""
+    url = f"http://127.0.0.1:{port}/invocations"
+    body = mlflow_peer.invocation_body(feeds)
+
+    async def call() -> np.ndarray:
+        async with http.post(url, data=body, headers=JSON_HEADERS) as reply:
+            payload = await reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"/invocations answered {reply.status}: {payload[:200]!r}")
+        predictions = json.loads(payload)["predictions"]
+        if isinstance(predictions, dict):  # one entry per named output
+            predictions = predictions["logits"]
+        return np.asarray(predictions, np.float32)
+
+    return call
+
+
+async def wait_http(http: aiohttp.ClientSession, url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            async with http.get(url) as reply:
+                if reply.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200")
+        await asyncio.sleep(0.3)
+
+
+async def start_peers(
+    base: Path, ports: dict[str, int], onnx_bytes: bytes, feeds: dict[str, np.ndarray],
+    processes: list[subprocess.Popen[bytes]],
+) -> Peers:  # fmt: skip
+    """In-process ORT, aimass REST and mlflow serving the MLP, checked to answer alike."""
+    import onnxruntime as ort
+
+    # One intra-op thread: a batch-1 MLP gains nothing from more, and idle pool threads
+    # spinning in this client process would slow the other rows down.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+    def in_process() -> np.ndarray:
+        return session.run(None, feeds)[0]
+
+    # One client for both HTTP rows: keep-alive, at most one connection per caller.
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(PEER_CONCURRENCY)))
+    await wait_http(http, f"http://127.0.0.1:{ports['gateway']}/healthz")
+    calls: dict[str, Callable[[], Any]] = {
+        IN_PROCESS: in_process, REST: rest_caller(http, ports["gateway"], feeds)
+    }  # fmt: skip
+    skipped = None
+    port = free_port()
+    try:
+        processes.append(
+            await asyncio.to_thread(mlflow_peer.start, onnx_bytes, base / "mlflow", port)
+        )
+        calls[MLFLOW] = mlflow_caller(http, port, feeds)
+    except mlflow_peer.PeerUnavailable as err:
+        skipped = str(err)
+        print(f"the {MLFLOW} row is skipped: {skipped}", flush=True)
+    expected = in_process()
+    for target, call in calls.items():  # the same model answers on every path
+        answer = call() if target == IN_PROCESS else await call()
+        if not np.allclose(np.reshape(answer, expected.shape), expected, atol=1e-4):
+            raise RuntimeError(f"{target} answered {answer}, in-process ORT {expected}")
+    return Peers(calls, http, skipped)
+
+
+async def run(quick: bool, profile: Path | None = None) -> tuple[list[str], dict]:
     seconds, rounds = (1.5, 1) if quick else (4.0, 3)
     canary_n = 2000 if quick else 10_000
     base = Path(tempfile.mkdtemp(prefix="aimass-bench-serving-"))
@@ -197,13 +353,14 @@ async def run(quick: bool, profile: Path | None = None) -> list[str]:
     triton.start()
     db_url = f"sqlite:///{base / 'aimass.db'}"
     upgrade(db_url)
-    ports = {"registry": free_port(), "routing": free_port()}
+    ports = {"registry": free_port(), "routing": free_port(), "gateway": free_port()}
     env = dict(os.environ)
     env.update({
         "AIMASS_HOME": str(base / "home"), "AIMASS_DATABASE_URL": db_url,
         "AIMASS_ARTIFACT_ROOT": (base / "artifacts").as_uri(), "AIMASS_NATS_URL": nats.url,
         "AIMASS_PORTS__REGISTRY": str(ports["registry"]),
         "AIMASS_PORTS__ROUTING": str(ports["routing"]), "AIMASS_LOG_LEVEL": "WARNING",
+        "AIMASS_PORTS__GATEWAY": str(ports["gateway"]),
         "AIMASS_ROUTING_TRITON_GRPC": triton.grpc_address,
         "AIMASS_ROUTING_TRITON_REPOSITORY": str(triton.repository),
         "AIMASS_ROUTING_METRICS_PORT": str(free_port()),
@@ -212,6 +369,7 @@ async def run(quick: bool, profile: Path | None = None) -> list[str]:
     processes = [
         start_service("registry", env, base / "registry.log"),
         start_service("routing", env, base / "routing.log", profile),
+        start_service("gateway", env, base / "gateway.log"),
     ]
     try:
         routing_address = f"127.0.0.1:{ports['routing']}"
@@ -236,7 +394,7 @@ async def measure(
     base: Path, triton: TritonProcess, routing_address: str, ports: dict[str, int],
     ceiling_port: int, seconds: float, rounds: int, canary_n: int, quick: bool,
     processes: list[subprocess.Popen[bytes]],
-) -> list[str]:  # fmt: skip
+) -> tuple[list[str], dict]:  # fmt: skip
     from aimass.registry.v1 import registry_pb2_grpc
 
     registry_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['registry']}")
@@ -253,7 +411,8 @@ async def measure(
         instance_kind=pb.INSTANCE_KIND_CPU,
     )  # fmt: skip
     servers = ["inferenceServers/local-triton"]
-    mlp = await stack.register("mlp", await asyncio.to_thread(export_mlp))
+    mlp_onnx = await asyncio.to_thread(export_mlp)
+    mlp = await stack.register("mlp", mlp_onnx)
     mlp_b = await stack.register("mlp", await asyncio.to_thread(export_mlp))
     transformer = await stack.register(
         "transformer", await asyncio.to_thread(export_transformer, quick)
@@ -326,22 +485,33 @@ async def measure(
 
         return call
 
+    for model, endpoint in endpoints.items():  # on a loaded machine the first table is late
+        deadline = time.monotonic() + 120
+        while not (endpoint.route_table and endpoint.route_table.entries):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no route table for deployments/{model}")
+            await asyncio.sleep(0.2)
     names = {m: endpoints[m].route_table.entries[0].triton_model_name for m in inputs}
+    peers = await start_peers(base, ports, mlp_onnx, inputs["mlp"], processes)
     plan = []
     for model in ("mlp", "transformer"):
-        for concurrency in (1, 16, 32):
+        for concurrency in (1, 8, 16, 32) if model == "mlp" else (1, 16, 32):
             plan.append((model, "direct", concurrency, direct_call(model, names[model])))
             plan.append((model, "fast path", concurrency, fast_call(model)))
             plan.append((model, "router", concurrency, router_call(model)))
     for concurrency in (1, 16, 32):
         plan.append(("mlp", "ceiling", concurrency, ceiling_call(ceiling_channels[0])))
         plan.append(("mlp", "intercepted", concurrency, ceiling_call(ceiling_channels[1])))
+    for concurrency in PEER_CONCURRENCY:
+        plan += [("mlp", target, concurrency, call) for target, call in peers.calls.items()]
     for _ in range(rounds):
         for model, target, concurrency, call in plan:
             if model == "transformer" and concurrency == 1 and target == "fast path":
                 continue
             results.setdefault((model, target, concurrency), []).append(
-                await closed_loop(call, concurrency, seconds)
+                await asyncio.to_thread(threaded_loop, call, concurrency, seconds)
+                if target == IN_PROCESS
+                else await closed_loop(call, concurrency, seconds)
             )
 
     def rate(model: str, target: str, concurrency: int) -> float:
@@ -371,6 +541,7 @@ async def measure(
         await endpoint.close()
     for channel in (triton_channel, *ceiling_channels, registry_channel, routing_channel):
         await channel.close()
+    await peers.http.close()
 
     rows = [
         "| measure | value | goal |",
@@ -419,19 +590,82 @@ async def measure(
             f"| canary 90/10 over {canary_n:,} requests, {path}: share of v2 |"
             f" {share * 100:.1f}% | 10% +- 2 |"
         )
+    rows += peer_rows(results, peers)
+    return rows, figures(results, peers, shares)
+
+
+def peer_rows(
+    results: dict[tuple[str, str, int], list[tuple[float, list[float]]]], peers: Peers
+) -> list[str]:
+    """The MLP on every path at PEER_CONCURRENCY, with its ratios to in-process ORT and Triton."""
+
+    def rate(target: str, concurrency: int) -> float:
+        return statistics.median(r for r, _ in results[("mlp", target, concurrency)])
+
+    def lat(target: str, concurrency: int, q: float) -> float:
+        return statistics.median(pct(lats, q) for _, lats in results[("mlp", target, concurrency)])
+
+    rows = [
+        "",
+        "MLP 64-512-256-10, batch 1, on every path at concurrency 1/8/32 (medians of the"
+        " rounds); requests/s as ratios to ONNX Runtime in this process and to Triton direct,"
+        " same run:",
+        "",
+        "| path | concurrency | req/s | p50 ms | p99 ms | / in-process ORT | / Triton direct |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for target, label in PATHS.items():
+        for c in PEER_CONCURRENCY:
+            if ("mlp", target, c) not in results:
+                continue
+            rows.append(
+                f"| {label} | {c} | {rate(target, c):,.0f} | {lat(target, c, 50):.2f} |"
+                f" {lat(target, c, 99):.2f} | {rate(target, c) / rate(IN_PROCESS, c):.3f}x |"
+                f" {rate(target, c) / rate('direct', c):.2f}x |"
+            )
+    rows.append("")
+    if peers.mlflow_skipped:
+        rows.append(f"{MLFLOW}: skipped ({peers.mlflow_skipped}).")
+    else:
+        rows.append(
+            f"{MLFLOW}: mlflow {mlflow_peer.MLFLOW_VERSION} in .venv-mlflow, the same ONNX file"
+            " saved with mlflow.onnx.save_model (tensor signature), `mlflow models serve -m DIR"
+            " --env-manager local` with its default server settings; requests"
+            ' `{"inputs": {"input": [[64 floats]]}}`.'
+        )
     return rows
+
+
+def figures(
+    results: dict[tuple[str, str, int], list[tuple[float, list[float]]]], peers: Peers,
+    shares: dict[str, float],
+) -> dict:  # fmt: skip
+    """Every measured target as machine-readable medians, for report.py's plots."""
+    rows = []
+    for (model, target, concurrency), runs in sorted(results.items()):
+        rows.append({
+            "model": model, "path": target, "label": PATHS.get(target, target),
+            "concurrency": concurrency, "rounds": len(runs),
+            "rps": statistics.median(r for r, _ in runs),
+            **{f"p{q}_ms": statistics.median(pct(lats, q) for _, lats in runs)
+               for q in (50, 90, 99)},
+        })  # fmt: skip
+    return {
+        "bench": "serving", "paths": list(PATHS), "rows": rows, "canary_share_v2": shares,
+        "mlflow": {"version": mlflow_peer.MLFLOW_VERSION, "skipped": peers.mlflow_skipped},
+    }  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument(
         "--profile-router", type=Path, help="run the routing service under cProfile, stats here"
     )
     args = parser.parse_args()
     started = time.monotonic()
-    rows = asyncio.run(run(args.quick, args.profile_router))
+    rows, measured = asyncio.run(run(args.quick, args.profile_router))
     text = "\n".join(
         [
             "# Serving: aimass against Triton called directly",
@@ -448,6 +682,8 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text)
+        measured.update(quick=args.quick, seconds=round(time.monotonic() - started))
+        args.out.with_suffix(".json").write_text(json.dumps(measured, indent=1) + "\n")
 
 
 if __name__ == "__main__":

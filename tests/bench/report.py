@@ -2,20 +2,27 @@
 
 `make bench` runs each tests/bench/bench_*.py into docs/benchmarks/<name>.md, then this
 script gathers them under one page with what they were measured on, so a figure is never
-read without its machine.
+read without its machine. The PNG plots (tests/bench/plots.py) are drawn from the JSON
+results some benches write beside their table, and embedded after that table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
+import sys
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.bench import plots  # noqa: E402 (needs the repository root on the path)
+
 PACKAGES = ("torch", "onnxruntime", "grpcio", "nats-py", "tritonclient", "nvidia-pytriton",
             "pyarrow", "numpy", "SQLAlchemy", "aiohttp")  # fmt: skip
 ORDER = ("data", "training", "evaluation", "compression", "serving", "gateway",
@@ -50,13 +57,23 @@ def git_revision() -> str:
     return result.stdout.strip() or "unknown"
 
 
-def machine_section() -> list[str]:
+def mlflow_peer_version(folder: Path) -> str:
+    """The mlflow of the serving bench's peer: it lives in .venv-mlflow, not in this venv."""
+    path = folder / "serving.json"
+    peer = json.loads(path.read_text()).get("mlflow", {}) if path.exists() else {}
+    if not peer:
+        return "not measured"
+    return f"skipped: {peer['skipped']}" if peer.get("skipped") else f"{peer['version']}"
+
+
+def machine_section(folder: Path) -> list[str]:
     rows = [
         ("CPU", f"{cpu_model()}, {os.cpu_count()} logical cores"),
         ("memory", f"{memory_gib():.0f} GiB"),
         ("OS", f"{platform.system()} {platform.release()} ({platform.machine()})"),
         ("Python", platform.python_version()),
         *((name, version_of(name)) for name in PACKAGES),
+        ("mlflow (serving peer, .venv-mlflow)", mlflow_peer_version(folder)),
         ("aimass revision", git_revision()),
         ("written", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
     ]
@@ -79,8 +96,9 @@ def render(folder: Path) -> str:
         "",
         "## Machine and versions",
         "",
-        *machine_section(),
+        *machine_section(folder),
     ]
+    drawn = plots.draw_all(folder)
     for path in tables(folder):
         body = path.read_text().strip()
         if body.startswith("# "):  # each table file has its own title: demote it
@@ -88,6 +106,8 @@ def render(folder: Path) -> str:
         else:
             body = f"## {path.stem.replace('_', ' ')}\n\n{body}"
         lines += ["", body, "", f"(from [benchmarks/{path.name}](benchmarks/{path.name}))"]
+        for caption, name in drawn.get(path.stem, []):
+            lines += ["", f"![{caption}](benchmarks/{name})"]
     return "\n".join(lines) + "\n"
 
 

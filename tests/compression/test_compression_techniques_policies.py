@@ -9,10 +9,11 @@ import asyncio
 from aimass.common.v1 import common_pb2
 from aimass.compression.v1 import compression_pb2 as pb
 from aimass.registry.v1 import registry_pb2
-from tests.compression.conftest import MLP, Env, digits
+from tests.compression.conftest import MLP, Env, TrainingEnv, digits
 
 
-async def test_candidates_each_start_from_the_parent(env: Env, tmp_path) -> None:
+async def test_candidates_each_start_from_the_parent(train_env: TrainingEnv, tmp_path) -> None:
+    env = train_env  # the distill step runs as a training job
     dataset = await digits(env)
     parent = await env.train_and_register("digits-mlp", dataset, MLP, epochs=6, tmp=tmp_path)
     recipe = pb.Recipe(

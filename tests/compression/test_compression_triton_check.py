@@ -108,3 +108,71 @@ async def test_job_registers_only_what_triton_accepts(
         assert job.chosen_step == ""
         assert job.model_version == ""
         assert [v.name for v in versions.model_versions] == [parent.name]
+
+
+class _RefusingSome:
+    """Checks every candidate in the same real Triton; the files named in ``refuse`` are
+    loaded as entries for the onnxruntime backend this Triton lacks, so Triton itself
+    refuses them (a candidate-specific refusal without faking the server)."""
+
+    def __init__(self, triton: TritonProcess, refuse: set[str]) -> None:
+        self.refuse = refuse
+        self.serving = TritonChecker(TritonTarget(triton.grpc_address, triton.repository))
+        self.refusing = TritonChecker(
+            TritonTarget(triton.grpc_address, triton.repository, Backend.ONNXRUNTIME)
+        )
+        self.checked: list[str] = []
+
+    async def check(self, path: Path, sample: dict) -> object:
+        self.checked.append(path.name)
+        checker = self.refusing if path.name in self.refuse else self.serving
+        return await checker.check(path, sample)
+
+    async def close(self) -> None:
+        await self.serving.close()
+        await self.refusing.close()
+
+
+@pytest.mark.parametrize("mode", ["candidates", "chain"])
+async def test_a_refused_choice_falls_back_to_the_next_best(
+    mode: str, triton: TritonProcess, tmp_path, nats_url, monkeypatch
+) -> None:
+    from aimass.compression import worker
+
+    # Candidates, smallest first: int8-dynamic (step-0), then fp16 (step-1); Triton refuses
+    # the first. Chain: prune 50% then int8-dynamic; Triton refuses the last step.
+    refused_file = "step-0.onnx" if mode == "candidates" else "step-1.onnx"
+    checker = _RefusingSome(triton, {refused_file})
+    monkeypatch.setattr(worker, "triton_checker", lambda: checker)
+    if mode == "candidates":
+        steps = [pb.CompressionStep(quantize_dynamic=pb.QuantizeDynamic()),
+                 pb.CompressionStep(fp16=pb.Fp16())]  # fmt: skip
+        recipe = pb.Recipe(steps=steps, mode=pb.RECIPE_MODE_CANDIDATES,
+                           selection=pb.SELECTION_SMALLEST)  # fmt: skip
+        refused, fallback = "int8-dynamic", "fp16"
+    else:
+        steps = [pb.CompressionStep(prune_structured=pb.PruneStructured(sparsity=0.5)),
+                 pb.CompressionStep(quantize_dynamic=pb.QuantizeDynamic())]  # fmt: skip
+        recipe = pb.Recipe(steps=steps)
+        refused, fallback = "int8-dynamic", "prune-structured-50"
+    async with open_env(tmp_path, nats_url) as env:
+        dataset = await digits(env)
+        parent = await env.train_and_register("digits-mlp", dataset, MLP, epochs=2, tmp=tmp_path)
+        job = await env.run_job(parent.name, recipe)
+        child = await env.registry.GetModelVersion(
+            registry_pb2.GetModelVersionRequest(name=job.model_version)
+        )
+    assert job.status.state == common_pb2.JOB_STATE_SUCCEEDED, job.status.reason
+    reports = {r.step_name: r for r in job.step_reports}
+    assert reports[refused].status == pb.STEP_STATUS_FAILED
+    assert reports[refused].reason.startswith("Triton refused the model: "), reports[refused]
+    assert reports[fallback].status == pb.STEP_STATUS_APPLIED
+    assert job.chosen_step == fallback
+    assert job.triton_check.startswith("passed (Triton at"), job.triton_check
+    assert job.triton_check.endswith(f"chosen after Triton refused {refused}")
+    assert child.source.derivation == fallback
+    assert checker.checked == [
+        refused_file,
+        "step-1.onnx" if mode == "candidates" else "step-0.onnx",
+    ]
+    assert entries(triton) == []

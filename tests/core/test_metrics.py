@@ -12,6 +12,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aimass.core.events import EventBus
+from aimass.core.events.envelope import build_envelope
+from aimass.core.events.jobs import subqueue_topic
 from aimass.core.metrics import record_job_finished
 from aimass.events.v1 import events_pb2
 from aimass.registry.v1 import registry_pb2 as pb
@@ -91,5 +93,19 @@ async def test_pending_jobs_counts_what_waits_before_and_after_a_worker_pulls(
         assert job is not None
         assert await bus.pending_jobs(kind) == 2
         await job.ack()
+        # Sub-queues (a resource class of workers) count too, bound or not.
+        for n in range(2):
+            topic = subqueue_topic(kind, "gpu")
+            envelope = build_envelope(
+                topic, events_pb2.JobStateChanged(), subject=f"jobs/g{n}", source="t"
+            )
+            await bus.publish_raw(topic, envelope.SerializeToString(), envelope.id)
+        assert await bus.pending_jobs(kind) == 4
+        gpu = await bus.job_queue(kind, subqueue="gpu")
+        assert await bus.pending_jobs(kind) == 4  # bound, nothing pulled yet
+        taken = await gpu.pull(timeout_s=5)
+        assert taken is not None
+        assert await bus.pending_jobs(kind) == 3
+        await taken.ack()
     finally:
         await bus.close()

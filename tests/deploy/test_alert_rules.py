@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import grpc
 import promql_parser
 import pytest
 import yaml
@@ -70,6 +71,11 @@ def test_aimass_metrics_in_alerts_are_the_ones_the_services_export():
     assert not missing
     for state in re.findall(r"aimass_jobs_total\{[^}]*state=~?\"([^\"]+)\"", str(RULES)):
         assert set(state.split("|")) <= {"SUCCEEDED", "FAILED", "CANCELLED"}, state
+    # The interceptor labels codes with grpc.StatusCode names (INTERNAL), not gRPC's
+    # CamelCase spelling (Internal): a rule on the other spelling would never fire.
+    codes = {code.name for code in grpc.StatusCode}
+    for matched in re.findall(r"grpc_code=~?\"([^\"]+)\"", str(RULES)):
+        assert set(matched.split("|")) <= codes, matched
 
 
 def test_alerts_name_scrape_jobs_that_prometheus_has():

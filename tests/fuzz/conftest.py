@@ -2,10 +2,14 @@
 file:// artifact store and a JetStream server of their own, seeded with real rows.
 
 The seeds (the digits dataset ingested, a registered model with a version carrying an ONNX
-artifact, an alias, a release, an evaluation and a benchmark) give the fuzzer real names
-to aim at, so random requests reach rows and not only the name parsers. A fuzzed Delete
-may remove a seed: ``seeds.ensure()`` checks them before each RPC's property and seeds a
-fresh set under new ids when one is gone.
+artifact, an alias, a release, an evaluation and a benchmark, a training job and a worker,
+a compression job and a disabled policy, an inference server and a deployment, a pipeline
+run) give the fuzzer real names to aim at, so random requests reach rows and not only the
+name parsers. A fuzzed Delete may remove a seed: ``seeds.ensure()`` checks them before
+each RPC's property and seeds a fresh set under new ids when one is gone.
+
+No training worker runs: a training job (a pipeline's training stage) stays QUEUED until
+``quiet()`` cancels it; compression jobs run in the compression service itself.
 """
 
 from __future__ import annotations
@@ -16,23 +20,29 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
 import onnx
 import pytest
 import pytest_asyncio
+from google.protobuf.message import Message
 from onnx import TensorProto, helper, numpy_helper
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
 from aimass.common.v1 import common_pb2
+from aimass.compression.v1 import compression_pb2, compression_pb2_grpc
 from aimass.core.db.migrate import upgrade
 from aimass.data import config as cfg
 from aimass.data.examples import write_digits_csv
 from aimass.data.v1 import data_pb2, data_pb2_grpc
 from aimass.evaluation.v1 import evaluation_pb2, evaluation_pb2_grpc
+from aimass.pipeline.v1 import pipeline_pb2, pipeline_pb2_grpc
 from aimass.registry.v1 import registry_pb2, registry_pb2_grpc
+from aimass.routing.v1 import routing_pb2, routing_pb2_grpc
+from aimass.training.v1 import training_pb2, training_pb2_grpc
 from tests.fixtures.nats import NatsServer
 from tests.fixtures.stack import Stack, serve_stack, stack_settings
 from tests.fuzz.harness import FUZZED_SERVICES, StateProbe
@@ -43,6 +53,7 @@ JOB_WAIT_S = 60.0
 # Jobs an accepted fuzzed request started get this long to end before they are cancelled.
 LET_FINISH_S = 3.0
 CANCEL_WAIT_S = 30.0
+M = TypeVar("M", bound=Message)
 
 
 def digits_onnx() -> bytes:
@@ -71,6 +82,10 @@ class FuzzStack:
     root: Path
     probe: StateProbe
     names: list[str] = field(default_factory=list)
+    # The seeded resources a fuzzed Delete or Cancel may take away, by kind.
+    seeds: dict[str, str] = field(default_factory=dict)
+    # Valid requests by message type (see protogen.MessageStrategies), of the last seeding.
+    examples: dict[str, list[Message]] = field(default_factory=dict)
     generation: int = 0
 
     @property
@@ -85,11 +100,28 @@ class FuzzStack:
     def evaluation(self) -> evaluation_pb2_grpc.EvaluationServiceStub:
         return evaluation_pb2_grpc.EvaluationServiceStub(self.stack.channel("evaluation"))
 
+    @property
+    def training(self) -> training_pb2_grpc.TrainingServiceStub:
+        return training_pb2_grpc.TrainingServiceStub(self.stack.channel("training"))
+
+    @property
+    def compression(self) -> compression_pb2_grpc.CompressionServiceStub:
+        return compression_pb2_grpc.CompressionServiceStub(self.stack.channel("compression"))
+
+    @property
+    def routing(self) -> routing_pb2_grpc.RoutingServiceStub:
+        return routing_pb2_grpc.RoutingServiceStub(self.stack.channel("routing"))
+
+    @property
+    def pipeline(self) -> pipeline_pb2_grpc.PipelineServiceStub:
+        return pipeline_pb2_grpc.PipelineServiceStub(self.stack.channel("pipeline"))
+
     # --------------------------------------------------------------------- seeds
 
     async def seed(self) -> None:
         """A complete set of real resources under fresh ids; their names become the pool."""
         self.generation += 1
+        self.examples = {}
         suffix = "" if self.generation == 1 else f"-{self.generation}"
         dataset_id, model_id = f"digits{suffix}", f"digits-mlp{suffix}"
         dataset_version, job_name = await self._ingest(dataset_id)
@@ -120,23 +152,124 @@ class FuzzStack:
                 )
             )
         )
-        await self.quiet()
+        await self.quiet(let_finish_s=JOB_WAIT_S)  # seeds end on their own, given time
+        self.seeds = {
+            "dataset_version": dataset_version, "model_version": version,
+            "alias": alias.name, "release": release.name,
+            **await self._seed_later_services(model_id, version, dataset_version, suffix),
+        }  # fmt: skip
         self.names = [
             f"datasets/{dataset_id}", dataset_version, job_name, upload, "digits.csv",
             f"models/{model_id}", version, alias.name, release.name, evaluation.name,
             benchmark.name, artifact.uri, artifact.sha256, dataset_id, model_id, "production",
-            "r1", "onnx", "accuracy", "test", "train",
+            "r1", "onnx", "accuracy", "test", "train", *self.seeds.values(),
+            "inferenceServers/onnxruntime", "int8", "far", "digits-endpoint",
         ]  # fmt: skip
         if release.bundle.uri:
             self.names.append(release.bundle.uri)
 
+    def example(self, request: M) -> M:
+        """``request``, kept as a valid example of its type for the fuzzer to mutate."""
+        self.examples.setdefault(request.DESCRIPTOR.full_name, []).append(request)
+        return request
+
+    async def _seed_later_services(
+        self, model_id: str, version: str, dataset_version: str, suffix: str
+    ) -> dict[str, str]:
+        """Training, compression, routing and pipeline rows aimed at the seeded version; the
+        training and routing requests that made them (and valid updates and predictions) are
+        kept as examples."""
+        tpb, cpb, rpb, ppb = training_pb2, compression_pb2, routing_pb2, pipeline_pb2
+        model = tpb.ModelSpec(task=common_pb2.TASK_CLASSIFICATION,
+                              mlp=tpb.MlpSpec(hidden_sizes=[16]))  # fmt: skip
+        training_job = await self.training.CreateTrainingJob(
+            self.example(tpb.CreateTrainingJobRequest(training_job=tpb.TrainingJob(
+                dataset_version=dataset_version, target_model=f"models/{model_id}", model=model,
+                training=tpb.TrainingConfig(epochs=1),
+            )))
+        )  # fmt: skip
+        await self.training.CancelTrainingJob(  # no worker runs here: it would stay QUEUED
+            tpb.CancelTrainingJobRequest(name=training_job.name)
+        )
+        worker = await self.training.RegisterWorker(
+            self.example(tpb.RegisterWorkerRequest(name=f"workers/w{suffix or '-1'}", host="fuzz"))
+        )
+        recipe = cpb.Recipe(steps=[cpb.CompressionStep(quantize_dynamic=cpb.QuantizeDynamic())])
+        # No examples of compression or pipeline requests: their accepted variants start
+        # jobs that quantize and evaluate (seconds each; a minute on a loaded machine), and an
+        # enabled policy would start more after the call was compared.
+        compression_job = await self.compression.CreateCompressionJob(
+            cpb.CreateCompressionJobRequest(
+                compression_job=cpb.CompressionJob(parent_version=version, recipe=recipe)
+            )
+        )
+        # Disabled: an enabled policy would start jobs on every version a fuzzed
+        # CreateModelVersion makes, after the call returned and its state was compared.
+        policy = await self.compression.CreateCompressionPolicy(
+            cpb.CreateCompressionPolicyRequest(
+                parent=f"models/{model_id}", compression_policy_id="int8",
+                compression_policy=cpb.CompressionPolicy(recipe=recipe, enabled=False),
+            )
+        )  # fmt: skip
+        # A Triton nobody listens on: it turns UNREACHABLE once and stays so.
+        server = await self.routing.CreateInferenceServer(
+            self.example(rpb.CreateInferenceServerRequest(
+                inference_server_id=f"far{suffix}",
+                inference_server=rpb.InferenceServer(
+                    kind=rpb.SERVER_KIND_TRITON, grpc_address="127.0.0.1:9"
+                ),
+            ))
+        )  # fmt: skip
+        self.example(rpb.UpdateInferenceServerRequest(inference_server=server))
+        deployment = await self.routing.CreateDeployment(
+            self.example(rpb.CreateDeploymentRequest(
+                deployment_id=f"digits-endpoint{suffix}",
+                deployment=rpb.Deployment(routes=[rpb.Route(model=version, weight_percent=100)]),
+            ))
+        )  # fmt: skip
+        self.example(rpb.UpdateDeploymentRequest(deployment=deployment))
+        predict = self.example(rpb.PredictRequest(
+            deployment=deployment.name,
+            inputs=[common_pb2.InferTensor(name="input", datatype="FP32", shape=[2, 64])],
+            raw_input_contents=[bytes(2 * 64 * 4)],
+        ))  # fmt: skip
+        self.example(rpb.PredictBatchRequest(requests=[predict, predict]))
+        run = await self.pipeline.CreatePipelineRun(
+            ppb.CreatePipelineRunRequest(pipeline_run=ppb.PipelineRun(
+                spec=ppb.PipelineSpec(
+                    dataset=ppb.DatasetSection(
+                        dataset=dataset_version.split("/")[1], dataset_version=dataset_version
+                    ),
+                    model=ppb.ModelSection(model=model_id, model_version=version),
+                )
+            ))
+        )  # fmt: skip
+        await self.quiet(let_finish_s=JOB_WAIT_S)  # seeds end on their own, given time
+        return {
+            "training_job": training_job.name, "worker": worker.name,
+            "compression_job": compression_job.name, "policy": policy.name,
+            "server": server.name, "deployment": deployment.name, "pipeline_run": run.name,
+        }  # fmt: skip
+
     async def ensure(self) -> None:
         """Seeds again when a fuzzed Delete removed one of the seeded resources."""
+        seeds = self.seeds
         checks = [
-            self.data.GetDatasetVersion(data_pb2.GetDatasetVersionRequest(name=self.names[1])),
-            self.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(name=self.names[6])),
-            self.registry.GetAlias(registry_pb2.GetAliasRequest(name=self.names[7])),
-            self.registry.GetRelease(registry_pb2.GetReleaseRequest(name=self.names[8])),
+            self.data.GetDatasetVersion(
+                data_pb2.GetDatasetVersionRequest(name=seeds["dataset_version"])
+            ),
+            self.registry.GetModelVersion(
+                registry_pb2.GetModelVersionRequest(name=seeds["model_version"])
+            ),
+            self.registry.GetAlias(registry_pb2.GetAliasRequest(name=seeds["alias"])),
+            self.registry.GetRelease(registry_pb2.GetReleaseRequest(name=seeds["release"])),
+            self.compression.GetCompressionPolicy(
+                compression_pb2.GetCompressionPolicyRequest(name=seeds["policy"])
+            ),
+            self.routing.GetInferenceServer(
+                routing_pb2.GetInferenceServerRequest(name=seeds["server"])
+            ),
+            self.routing.GetDeployment(routing_pb2.GetDeploymentRequest(name=seeds["deployment"])),
         ]
         try:
             for check in checks:
@@ -213,30 +346,41 @@ class FuzzStack:
 
     # ------------------------------------------------------------------ quiet
 
-    async def quiet(self) -> None:
+    async def quiet(self, let_finish_s: float = LET_FINISH_S) -> None:
         """Waits until no job runs and every event left the outbox; cancels what lingers.
 
         Jobs that accepted fuzzed requests started (a benchmark of 2**31 iterations) get
         LET_FINISH_S, then a Cancel; a job that does not stop after it fails the test.
+        Training jobs are cancelled at once: no worker runs here to take them.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + LET_FINISH_S
+        deadline = loop.time() + let_finish_s
         while await asyncio.to_thread(self._busy):
             if loop.time() > deadline:
                 await self._cancel_unfinished()
                 break
+            await self._cancel_unfinished(tables=("training_jobs",))
             await asyncio.sleep(0.05)
         deadline = loop.time() + CANCEL_WAIT_S
         while await asyncio.to_thread(self._busy):
             if loop.time() > deadline:
-                pytest.fail(f"jobs did not stop after a cancel: {self.probe.unfinished_jobs()}")
+                pytest.fail(
+                    f"jobs did not stop after a cancel: {self.probe.unfinished_jobs()}, "
+                    f"rows not at rest: {self.probe.unsettled_rows()}"
+                )
             await asyncio.sleep(0.1)
 
     def _busy(self) -> bool:
-        return bool(self.probe.unfinished_jobs()) or self.probe.unpublished_events() > 0
+        return (
+            bool(self.probe.unfinished_jobs())
+            or bool(self.probe.unsettled_rows())
+            or self.probe.unpublished_events() > 0
+        )
 
-    async def _cancel_unfinished(self) -> None:
+    async def _cancel_unfinished(self, tables: tuple[str, ...] | None = None) -> None:
         for table, name in await asyncio.to_thread(self.probe.unfinished_jobs):
+            if tables is not None and table not in tables:
+                continue
             try:
                 if table == "ingest_jobs":
                     await self.data.CancelIngestJob(
@@ -249,6 +393,18 @@ class FuzzStack:
                 elif table == "benchmarks":
                     await self.evaluation.CancelBenchmark(
                         evaluation_pb2.CancelBenchmarkRequest(name=f"benchmarks/{name}")
+                    )
+                elif table == "training_jobs":
+                    await self.training.CancelTrainingJob(
+                        training_pb2.CancelTrainingJobRequest(name=f"trainingJobs/{name}")
+                    )
+                elif table == "compression_jobs":
+                    await self.compression.CancelCompressionJob(
+                        compression_pb2.CancelCompressionJobRequest(name=f"compressionJobs/{name}")
+                    )
+                elif table == "pipeline_runs":
+                    await self.pipeline.CancelPipelineRun(
+                        pipeline_pb2.CancelPipelineRunRequest(name=f"pipelineRuns/{name}")
                     )
             except grpc.aio.AioRpcError as err:  # ended meanwhile
                 if err.code() != grpc.StatusCode.FAILED_PRECONDITION:

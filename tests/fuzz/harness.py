@@ -1,8 +1,9 @@
 """Calling any RPC of a running aimass service from its descriptor, and watching the state.
 
 - ``FUZZED_SERVICES``: the services whose every RPC the fuzz tests call. Adding a
-  finished service (training, compression, routing) is adding its name here: its RPCs
-  are found from the service descriptor of ``aimass.<name>.v1.<name>_pb2``.
+  finished service is adding its name here (and seeds in conftest.py): its RPCs are
+  found from the service descriptors of ``aimass.<name>.v1.<name>_pb2`` (routing's
+  file declares two, RoutingService and PredictionService, served on one port).
 - ``rpcs_of(names)``: every method of those services as an :class:`Rpc`.
 - ``invoke(channel, rpc, request)``: one call of any shape; a stream's first response is
   enough. Returns the status code and message.
@@ -28,17 +29,28 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
 from sqlalchemy import Engine, MetaData, select, text
 
-FUZZED_SERVICES = ("data", "registry", "evaluation")
+FUZZED_SERVICES = (
+    "data", "registry", "evaluation", "training", "compression", "routing", "pipeline",
+)  # fmt: skip
 EXAMPLES_VARIABLE = "AIMASS_FUZZ_EXAMPLES"
 
-# Columns that move with no request at all (heartbeats, the outbox relay's bookkeeping).
+# Columns that move with no request at all (heartbeats, the outbox relay's bookkeeping,
+# the routing service's health checks: a server's state flips with its reachability,
+# which renews the row's etag and update time too).
 VOLATILE_COLUMNS = {
     "workers": {"heartbeat_time", "update_time"},
     "outbox_events": {"publish_time", "attempts"},
+    "inference_servers": {"state", "reason", "check_time", "update_time", "etag"},
 }
 # Tables with job rows: "quiet" means none of them is queued, running or cancelling.
-JOB_TABLES = ("ingest_jobs", "evaluations", "benchmarks", "training_jobs", "compression_jobs")
+JOB_TABLES = (
+    "ingest_jobs", "evaluations", "benchmarks", "training_jobs", "compression_jobs",
+    "pipeline_runs",
+)  # fmt: skip
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+# Tables whose rows a reconciler moves after an accepted call: "quiet" also means every
+# row of them is in one of its resting states (a deployment placed, or failed to be).
+SETTLING_TABLES = {"deployments": ("READY", "FAILED")}
 
 
 def fuzz_examples(default: int) -> int:
@@ -211,6 +223,17 @@ class StateProbe:
                     continue
                 rows = connection.execute(text(f"SELECT name, state FROM {table}")).all()
                 found += [(table, name) for name, state in rows if state not in TERMINAL_STATES]
+        return found
+
+    def unsettled_rows(self) -> list[tuple[str, str, str]]:
+        """(table, name, state) of every row of SETTLING_TABLES not at rest."""
+        found: list[tuple[str, str, str]] = []
+        with self.engine.connect() as connection:
+            for table, resting in SETTLING_TABLES.items():
+                if table not in self.metadata.tables:
+                    continue
+                rows = connection.execute(text(f"SELECT name, state FROM {table}")).all()
+                found += [(table, name, state) for name, state in rows if state not in resting]
         return found
 
     def unpublished_events(self) -> int:

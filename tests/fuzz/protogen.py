@@ -12,6 +12,11 @@ A field mask gets paths from the field names of its sibling messages (plus junk)
 fields named ``filter`` / ``order_by`` get strings built from filter-like tokens, so the
 parsers behind them see near-valid input as well as noise.
 
+``examples`` are valid messages (the requests that seeded the stack), by type name: half
+of the messages of such a type are one of them with one or two fields, at any depth,
+redrawn or cleared. Random messages rarely get past the first required field of a deep
+request; a valid one with a single bad field reaches the checks behind it.
+
 No maintained package does this (hypothesis-protobuf and hypothesis-pb date from 2015 and
 2019), so it is a small generator over the descriptor API.
 """
@@ -19,7 +24,7 @@ No maintained package does this (hypothesis-protobuf and hypothesis-pb date from
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from google.api import field_behavior_pb2, resource_pb2
@@ -188,8 +193,10 @@ class MessageStrategies:
         depth: int = 3,
         max_items: int = 3,
         files: Sequence[FileDescriptor] = (),
+        examples: Mapping[str, Sequence[Message]] | None = None,
     ) -> None:
         self.names = tuple(names)
+        self.examples = examples or {}
         self.depth = depth
         self.max_items = max_items
         self._strings = strings(self.names)
@@ -210,7 +217,40 @@ class MessageStrategies:
         for file in _files(descriptor.file):
             for kind, patterns in resource_patterns(file).items():
                 self._patterns.setdefault(kind, patterns)
-        return st.composite(lambda draw: self._draw_message(draw, descriptor, cls, depth))()
+        drawn = st.composite(lambda draw: self._draw_message(draw, descriptor, cls, depth))()
+        examples = self.examples.get(descriptor.full_name, ())
+        if not examples:
+            return drawn
+        mutated = st.composite(lambda draw: self._mutate(draw, draw(st.sampled_from(examples))))
+        return st.one_of(drawn, mutated())
+
+    def _mutate(self, draw: st.DrawFn, example: Message) -> Message:
+        """A copy of ``example`` with one or two fields (anywhere in it) redrawn or cleared."""
+        message = type(example)()
+        message.CopyFrom(example)
+        for _ in range(draw(st.integers(1, 2))):
+            self._mutate_field(draw, message, self.depth)
+        return message
+
+    def _mutate_field(self, draw: st.DrawFn, message: Message, depth: int) -> None:
+        descriptor = message.DESCRIPTOR
+        if not descriptor.fields:
+            return
+        field = draw(st.sampled_from(list(descriptor.fields)))
+        if field.type == FieldDescriptor.TYPE_MESSAGE and not _is_map(field) and depth > 0:
+            # Into a set message (or one element of a repeated one) half of the time.
+            if field.is_repeated:
+                elements = getattr(message, field.name)
+                if len(elements) and draw(st.booleans()):
+                    index = draw(st.integers(0, len(elements) - 1))
+                    self._mutate_field(draw, elements[index], depth - 1)
+                    return
+            elif message.HasField(field.name) and draw(st.booleans()):
+                self._mutate_field(draw, getattr(message, field.name), depth - 1)
+                return
+        message.ClearField(field.name)
+        if draw(st.integers(0, 3)) > 0:  # else left cleared: a missing value
+            self._set(draw, message, descriptor, field, depth)
 
     def _draw_message(self, draw: st.DrawFn, descriptor: Descriptor, cls: Any, depth: int) -> Any:
         message = cls()

@@ -17,7 +17,6 @@ so that the before/after comparison only sees what the call itself did.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -49,20 +48,29 @@ STREAM_TIMEOUT_S = 2.0
 MAX_STREAM_MESSAGES = 4
 
 
-def requests(rpc: Rpc, names: list[str]) -> st.SearchStrategy[object]:
-    """One request message, or a short list of them for a client-streaming RPC."""
-    single = MessageStrategies(names, files=FILES).messages(rpc.method.input_type)
+def requests(rpc: Rpc, fuzz: FuzzStack) -> st.SearchStrategy[object]:
+    """One request message, or a short list of them for a client-streaming RPC; half of
+    the requests of a type the seeds sent are one of those with a field or two changed."""
+    strategies = MessageStrategies(fuzz.names, files=FILES, examples=fuzz.examples)
+    single = strategies.messages(rpc.method.input_type)
     if rpc.client_streaming:
         return st.lists(single, max_size=MAX_STREAM_MESSAGES)
     return single
 
 
-@dataclass
 class Before:
-    """The state before the next call, re-read only after a call that was accepted."""
+    """The state before the next call, re-read only after a call that was accepted.
 
-    fuzz: FuzzStack
-    state: State | None = None
+    Not a dataclass: hypothesis prints a failing example's arguments field by field, and
+    the running stack's fields would fill pages.
+    """
+
+    def __init__(self, fuzz: FuzzStack) -> None:
+        self.fuzz = fuzz
+        self.state: State | None = None
+
+    def __repr__(self) -> str:
+        return f"Before(seeds={self.fuzz.seeds})"
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -88,7 +96,7 @@ async def test_bad_requests_get_a_clean_status_and_change_nothing(
     before: Before, rpc: Rpc, data: st.DataObject
 ) -> None:
     fuzz = before.fuzz
-    request = data.draw(requests(rpc, fuzz.names), label="request")
+    request = data.draw(requests(rpc, fuzz), label="request")
     if before.state is None:
         await fuzz.quiet()
         before.state = await fuzz.probe.stable()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from aimass.core.errors import FailedPrecondition, InvalidArgument
+from aimass.core.triton.s3_repository import S3ModelRepository, parse_s3_repository
 from aimass.routing.pybackend import OnnxBatchRunner
 from aimass.routing.repository import (
     Backend,
@@ -94,6 +95,77 @@ def test_entries_are_written_whole_and_only_ours_are_removed(tmp_path, onnx_file
     repository.remove("someone-else")
     repository.remove("digits-v1")
     assert [p.name for p in (tmp_path / "repo").iterdir()] == ["someone-else"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "endpoint", "bucket", "prefix"),
+    [
+        ("s3://models/triton/repo", None, "models", "triton/repo"),
+        ("s3://models", None, "models", ""),
+        ("s3://minio:9000/models/repo", "http://minio:9000", "models", "repo"),
+        ("s3://https://s3.example.com:443/models/", "https://s3.example.com:443", "models", ""),
+    ],
+)
+def test_s3_repository_spellings(uri, endpoint, bucket, prefix):
+    location = parse_s3_repository(uri)
+    assert (location.endpoint_url, location.bucket, location.prefix) == (endpoint, bucket, prefix)
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://Models/x", "s3://minio:9000/Models/x", "s3://minio:port/models", "s3://b/a%20b"]
+)
+def test_s3_repository_spellings_triton_cannot_read_are_refused(uri):
+    with pytest.raises(InvalidArgument, match="model_repository_uri"):
+        parse_s3_repository(uri)
+
+
+def test_s3_entries_are_uploaded_whole_and_only_ours_are_removed(s3_server, s3_bucket, onnx_file):
+    client = s3_server.client
+    endpoint = s3_server.endpoint_url.removeprefix("http://")
+    repository = S3ModelRepository(f"s3://{endpoint}/{s3_bucket}/repo", Backend.PYTHON)
+
+    def keys() -> list[str]:
+        listed = client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
+        return sorted(item["Key"] for item in listed)
+
+    marker = {"model_version": "models/digits/versions/1"}
+    size = repository.write("digits-v1", onnx_file, SIGNATURE, ServingOptions(), marker)
+    assert size == onnx_file.stat().st_size
+    entry = ["1/model.onnx", "1/model.py", "aimass.json", "config.pbtxt"]
+    assert keys() == ["repo/.aimass-repository", *(f"repo/digits-v1/{k}" for k in entry)]
+    # The onnxruntime backend has no model.py: replacing the entry drops the stale file.
+    onnx_backend = S3ModelRepository(f"s3://{endpoint}/{s3_bucket}/repo", Backend.ONNXRUNTIME)
+    onnx_backend.write("digits-v1", onnx_file, SIGNATURE, ServingOptions(max_batch_size=4), marker)
+    assert "repo/digits-v1/1/model.py" not in keys()
+    config = client.get_object(Bucket=s3_bucket, Key="repo/digits-v1/config.pbtxt")["Body"].read()
+    assert b"max_batch_size: 4" in config
+    client.put_object(Bucket=s3_bucket, Key="repo/someone-else/config.pbtxt", Body=b"")
+    assert repository.managed() == {"digits-v1": marker}
+    repository.remove("someone-else")
+    repository.remove("digits-v1")
+    assert keys() == ["repo/.aimass-repository", "repo/someone-else/config.pbtxt"]
+
+
+def test_failed_s3_upload_leaves_no_half_entry(s3_server, s3_bucket, onnx_file):
+    class FailingOnConfig:
+        """The real client, except that the upload of config.pbtxt fails (S3 went away)."""
+
+        def __getattr__(self, name):
+            return getattr(s3_server.client, name)
+
+        def upload_file(self, path, bucket, key):
+            if key.endswith("config.pbtxt"):
+                raise ConnectionError("connection reset")
+            return s3_server.client.upload_file(path, bucket, key)
+
+    repository = S3ModelRepository(
+        f"s3://{s3_bucket}/repo", Backend.PYTHON, client=FailingOnConfig()
+    )
+    with pytest.raises(ConnectionError):
+        repository.write("digits-v1", onnx_file, SIGNATURE, ServingOptions(), {"a": 1})
+    listed = s3_server.client.list_objects_v2(Bucket=s3_bucket, Prefix="repo/digits-v1/")
+    assert listed.get("Contents", []) == []
+    assert repository.managed() == {}
 
 
 def test_signature_read_from_onnx(onnx_file):

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from aimass.access.v1 import access_pb2, access_pb2_grpc
+from aimass.core.auth.cluster import KEY_REVOKED_TOPIC
 from aimass.core.auth.hook import forget_key
 from aimass.core.auth.keys import KeyRecord, SqlKeyStore, key_id_of_name
-from aimass.core.errors import InvalidArgument
+from aimass.core.errors import InvalidArgument, Unavailable
+from aimass.core.events.bus import EventBus
 from aimass.core.interceptors import current_principal
 from aimass.core.server import GrpcService
 from aimass.core.service import ServiceContext
+
+log = logging.getLogger(__name__)
 
 SERVICE_FULL_NAME = "aimass.access.v1.AccessService"
 
@@ -58,8 +63,9 @@ def _generated_id() -> str:
 class AccessServicer(access_pb2_grpc.AccessServiceServicer):
     """API keys in the ``api_keys`` table (admin only, enforced by the interceptor)."""
 
-    def __init__(self, store: SqlKeyStore) -> None:
+    def __init__(self, store: SqlKeyStore, bus: EventBus | None = None) -> None:
         self.store = store
+        self.bus = bus
 
     async def CreateApiKey(
         self, request: access_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
@@ -109,7 +115,26 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
         key_id = key_id_of_name(request.name)
         record = await asyncio.to_thread(self.store.revoke, key_id)
         forget_key(key_id)
+        await self._announce_revocation(record)
         return key_to_proto(record)
+
+    async def _announce_revocation(self, record: KeyRecord) -> None:
+        """Tells every process to drop the key from its cache (aimass.core.auth.cluster).
+
+        Published after the commit, straight to NATS rather than through the outbox:
+        the outbox relay's latency is what this event exists to avoid. Should it be lost,
+        the other processes' key caches still expire after auth.key_cache_s.
+        """
+        if self.bus is None:
+            return
+        try:
+            await self.bus.publish(
+                KEY_REVOKED_TOPIC, key_to_proto(record), subject=record.name, source="access"
+            )
+        except Unavailable as err:
+            log.warning(
+                "%s revoked, but the revocation event was not published: %s", record.name, err
+            )
 
     async def LookupCallerIdentity(
         self, request: access_pb2.LookupCallerIdentityRequest, context: grpc.aio.ServicerContext
@@ -122,11 +147,12 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
         )
 
 
-def access_service(store: SqlKeyStore) -> GrpcService:
-    """The AccessService, to add to a process's services (the registry serves it)."""
+def access_service(store: SqlKeyStore, bus: EventBus | None = None) -> GrpcService:
+    """The AccessService, to add to a process's services (the registry serves it); with
+    ``bus``, revocations are announced to every process."""
     return GrpcService(
         full_name=SERVICE_FULL_NAME,
-        servicer=AccessServicer(store),
+        servicer=AccessServicer(store, bus),
         add_to_server=access_pb2_grpc.add_AccessServiceServicer_to_server,
     )
 
@@ -139,6 +165,7 @@ async def access_services(ctx: ServiceContext) -> list[GrpcService]:
     database = ctx.database()
     webhooks = SqlWebhookStore(database)
     dispatcher = WebhookDispatcher(webhooks)
-    await dispatcher.start(await ctx.event_bus())
+    bus = await ctx.event_bus()
+    await dispatcher.start(bus)
     ctx.on_close(dispatcher.stop)
-    return [access_service(SqlKeyStore(database)), webhook_service(webhooks)]
+    return [access_service(SqlKeyStore(database), bus), webhook_service(webhooks)]

@@ -2,30 +2,39 @@
 
 :class:`AccessControl` implements :class:`aimass.core.interceptors.AuthHook`.
 Its hot path is dictionary work: an API key's lookup is cached for
-``auth.key_cache_s`` seconds (revocation reaches every process within that
-time), a JWT's verification until it expires, and the method's permission is
-a precomputed table, so a call costs microseconds (tests/bench/bench_gateway.py).
+``auth.key_cache_s`` seconds, a JWT's verification until it expires, the
+method's permission is a precomputed table and the rate limit spends a local
+lease of the key's cluster-wide bucket, so a call costs microseconds
+(tests/bench/bench_gateway.py, tests/bench/bench_ratelimit.py). A revocation
+anywhere reaches every process's key cache over NATS
+(:mod:`aimass.core.auth.cluster`); the cache's time to live only bounds what a
+process that missed the event (NATS away) keeps trusting.
 Credentials never reach a log line: errors name the key id at most.
 
 :func:`outgoing_credentials` is what a service sends when it calls another:
 the caller's own credential when serving a call (so the callee checks the
-same principal), else the stack's internal token.
+same principal), else the stack's internal token. Background work done for a
+project (a pipeline run's stages) runs inside :func:`acting_for_project`: the internal
+token then travels with ``x-aimass-project``, and the callee scopes the internal
+principal to that project, so what it creates lands there and it reaches nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hmac
 import logging
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 
+from aimass.core.auth.cluster import ClusterLink
 from aimass.core.auth.jwt import JwtVerifier
 from aimass.core.auth.keys import KeyRecord, SqlKeyStore, looks_like_key
-from aimass.core.auth.ratelimit import RateLimiter
+from aimass.core.auth.ratelimit import ClusterRateLimiter
 from aimass.core.auth.roles import ADMIN, allowed, method_permissions
 from aimass.core.db.engine import Database
 from aimass.core.errors import PermissionDenied, ResourceExhausted, Unauthenticated
@@ -37,11 +46,17 @@ log = logging.getLogger(__name__)
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
 INTERNAL_HEADER = "x-aimass-internal"
+# Honoured with the internal token only: the project background work acts for.
+PROJECT_HEADER = "x-aimass-project"
 _LAST_USE_FLUSH_S = 30.0
 
-# The credential of the call being served, forwarded on calls it makes.
-_incoming: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+# The credential of the call being served (headers), forwarded on calls it makes.
+_incoming: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "aimass_incoming_credential", default=None
+)
+# The project background work of this context acts for ("" = none: unscoped).
+_acting_project: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "aimass_acting_project", default=""
 )
 _internal_token: str | None = None
 _hooks: weakref.WeakSet[AccessControl] = weakref.WeakSet()
@@ -58,10 +73,27 @@ def outgoing_credentials() -> dict[str, str]:
     """Metadata to authenticate a call from this service to another (for ServiceChannels)."""
     incoming = _incoming.get()
     if incoming is not None:
-        return {incoming[0]: incoming[1]}
-    if _internal_token:
-        return {INTERNAL_HEADER: _internal_token}
-    return {}
+        return dict(incoming)
+    return internal_headers(_internal_token) if _internal_token else {}
+
+
+def internal_headers(token: str) -> dict[str, str]:
+    """The internal token's metadata, with the project the context acts for (if any)."""
+    project = _acting_project.get()
+    if project:
+        return {INTERNAL_HEADER: token, PROJECT_HEADER: project}
+    return {INTERNAL_HEADER: token}
+
+
+@contextlib.contextmanager
+def acting_for_project(project: str) -> Iterator[None]:
+    """Calls made inside (with the internal token) act for ``project``: the callees scope
+    them to it, as they would a caller's key of that project. "" leaves them unscoped."""
+    token = _acting_project.set(project)
+    try:
+        yield
+    finally:
+        _acting_project.reset(token)
 
 
 def credential_of(metadata: Mapping[str, str]) -> tuple[str, str] | None:
@@ -101,13 +133,22 @@ class AccessControl:
         settings: AuthSettings,
         keys: SqlKeyStore | None,
         permissions: Mapping[str, frozenset[str]] | None = None,
+        *,
+        nats_url: str = "",
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.jwt = JwtVerifier(settings)
         self.permissions = dict(method_permissions() if permissions is None else permissions)
-        self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst_s)
+        # No NATS URL: a link that never connects, so per-process buckets and the cache TTL.
+        self.cluster = ClusterLink(nats_url, self.invalidate, self.invalidate)
+        self.limiter = ClusterRateLimiter(
+            settings.rate_limit_per_s, settings.rate_limit_burst_s, self.cluster.rate_bucket
+        )
         self._key_cache: dict[str, _CachedKey] = {}
+        # Bumped by every invalidation: a lookup that overlapped one is not cached (it may
+        # have read the key just before its revocation was committed).
+        self._generation = 0
         self._used: set[str] = set()
         self._last_flush = time.monotonic()
         _hooks.add(self)
@@ -120,19 +161,31 @@ class AccessControl:
                 " or a JWT as authorization: Bearer <token>"
             )
         principal, rate = await self._principal(*credential)
+        internal = principal is INTERNAL_PRINCIPAL
+        forwarded = {credential[0]: credential[1]}
+        project = metadata.get(PROJECT_HEADER, "") if internal else ""
+        if project:
+            principal = Principal(subject=principal.subject, role=principal.role, project=project)
+            forwarded[PROJECT_HEADER] = project
         self._authorize(principal, method)
-        wait_s = (
-            0.0 if principal is INTERNAL_PRINCIPAL else self.limiter.check(principal.subject, rate)
-        )
+        wait_s = 0.0 if internal else await self.limiter.check(principal.subject, rate)
         if wait_s > 0:
             raise ResourceExhausted(
                 f"rate limit of {principal.subject} exceeded; retry in {wait_s:.3f} s", wait_s
             )
-        _incoming.set(credential)
+        _incoming.set(forwarded)
         return principal
+
+    async def start(self) -> None:
+        """Connects this process to the others (revocations, shared rate limits)."""
+        await self.cluster.start()
+
+    async def close(self) -> None:
+        await self.cluster.close()
 
     def invalidate(self, key_id: str | None = None) -> None:
         """Forgets cached keys (all, or one), so a revocation takes effect in this process now."""
+        self._generation += 1
         if key_id is None:
             self._key_cache.clear()
             return
@@ -173,11 +226,14 @@ class AccessControl:
         return INTERNAL_PRINCIPAL
 
     async def _key_principal(self, key: str) -> tuple[Principal, float]:
+        self.cluster.ensure_started()
         cached = self._key_cache.get(key)
         if cached is None or cached.expires_at <= time.monotonic():
+            generation = self._generation
             record = await self._lookup(key)
             cached = _CachedKey(record, self.settings.key_cache_s)
-            self._key_cache[key] = cached
+            if generation == self._generation:
+                self._key_cache[key] = cached
             if len(self._key_cache) > 10_000:
                 self._key_cache.pop(next(iter(self._key_cache)))
         record, principal = cached.record, cached.principal
@@ -222,4 +278,4 @@ def auth_hook_from_settings(settings: Settings, database: Database | None = None
         return AllowAll()
     _internal_token = settings.auth.internal_token
     store = SqlKeyStore(database or Database(settings.database_url))
-    return AccessControl(settings.auth, store)
+    return AccessControl(settings.auth, store, nats_url=settings.nats_url)

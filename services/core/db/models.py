@@ -340,6 +340,8 @@ class Monitor(Timestamps, Etagged, Base):
     name: Mapped[str] = _name()
     deployment: Mapped[str] = mapped_column(String(REF_LEN), nullable=False, index=True)
     description: Mapped[str] = mapped_column(Text, default="")
+    # Per-project scoping: the deployment's project, set once.
+    project: Mapped[str] = mapped_column(String(ID_LEN), default="", index=True)
     labels: Mapped[dict[str, str]] = _json_dict()
     # {"interval_s", "window_s", "bins", "rules": [{"name", "metric", "threshold", "min_rows"}]}.
     config: Mapped[dict[str, Any]] = _json_dict()
@@ -815,30 +817,6 @@ class WebhookDelivery(Base):
     webhook: Mapped[Webhook] = relationship(back_populates="deliveries")
 
 
-class Schedule(Timestamps, Etagged, Base):
-    """``schedules/{schedule}``: creates a job (training, evaluation, ...) on a cron."""
-
-    __tablename__ = "schedules"
-
-    id: Mapped[int] = _id()
-    name: Mapped[str] = _name()
-    description: Mapped[str] = mapped_column(Text, default="")
-    project: Mapped[str] = mapped_column(String(ID_LEN), default="", index=True)
-    # Five-field cron expression, evaluated in time_zone.
-    cron: Mapped[str] = mapped_column(String(100), nullable=False)
-    time_zone: Mapped[str] = mapped_column(String(64), default="UTC")
-    # "trainingJobs", "evaluations", "compressionJobs", "benchmarks".
-    target: Mapped[str] = mapped_column(String(40), nullable=False)
-    # The Create request to send, as JSON.
-    template: Mapped[dict[str, Any]] = _json_dict()
-    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    next_run_time: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
-    last_run_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    # Resource name of the job the last run created.
-    last_run_job: Mapped[str] = mapped_column(String(REF_LEN), default="")
-    creator: Mapped[str] = mapped_column(String(200), default="")
-
-
 # ------------------------------------------------------------ pipeline service
 
 
@@ -868,3 +846,29 @@ class PipelineRun(Timestamps, Etagged, Base):
     waiting_on: Mapped[str] = mapped_column(String(REF_LEN), default="", index=True)
     end_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+
+
+class PipelineSchedule(Timestamps, Etagged, Base):
+    """``schedules/{schedule}``: a pipeline spec run every time a cron expression fires."""
+
+    __tablename__ = "pipeline_schedules"
+    __table_args__ = (Index("ix_pipeline_schedules_create_time", "create_time"),)
+
+    id: Mapped[int] = _id()
+    name: Mapped[str] = _name()
+    description: Mapped[str] = mapped_column(Text, default="")
+    # The project its runs belong to (per-project scoping): the creator's, set once.
+    project: Mapped[str] = mapped_column(String(ID_LEN), default="", index=True)
+    creator: Mapped[str] = mapped_column(String(200), default="")
+    labels: Mapped[dict[str, Any]] = _json_dict()
+    # The PipelineSpec as proto JSON.
+    spec: Mapped[dict[str, Any]] = _json_dict()
+    cron: Mapped[str] = mapped_column(String(200), default="")
+    time_zone: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = _state("ACTIVE")
+    # When it fires next; NULL while PAUSED. Schedulers fire a due row by compare-and-set on
+    # this column, so of several pipeline replicas only one starts a given run.
+    next_run_time: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    last_run: Mapped[str] = mapped_column(String(REF_LEN), default="")
+    last_run_time: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    run_count: Mapped[int] = mapped_column(Integer, default=0)

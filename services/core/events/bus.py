@@ -328,26 +328,42 @@ class EventBus:
         return envelope
 
     async def job_queue(
-        self, kind: str, *, ack_wait_s: float = 30.0, max_deliver: int = 5
+        self, kind: str, *, ack_wait_s: float = 30.0, max_deliver: int = 5, subqueue: str = ""
     ) -> JobQueue:
-        """The work queue of one job kind, for a worker to pull from."""
+        """The work queue of one job kind (or of one of its sub-queues), for a worker to pull."""
         from aimass.core.events.jobs import JobQueue
 
-        queue = await JobQueue.open(self, kind, ack_wait_s=ack_wait_s, max_deliver=max_deliver)
+        queue = await JobQueue.open(
+            self, kind, ack_wait_s=ack_wait_s, max_deliver=max_deliver, subqueue=subqueue
+        )
         self._job_queues.append(queue)
         return queue
 
     async def pending_jobs(self, kind: str) -> int:
-        """Jobs of ``kind`` waiting on the queue (not yet handed to a worker)."""
-        from aimass.core.events.jobs import job_consumer_name, job_topic
+        """Jobs of ``kind`` waiting on its queue and sub-queues (not yet handed to a worker).
 
-        try:
-            info = await self.js.consumer_info(JOBS_STREAM, job_consumer_name(kind))
-            return int(info.num_pending or 0)
-        except NotFoundError:
-            # No worker of this kind has ever started: every message of its subject waits.
-            stream = await self.js.stream_info(JOBS_STREAM, subjects_filter=job_topic(kind))
-            return int((stream.state.subjects or {}).get(job_topic(kind), 0))
+        A subject some worker consumes counts its consumer's pending messages; a subject no
+        worker has bound yet (no consumer) counts every message on it.
+        """
+        from aimass.core.events.jobs import job_topic
+
+        topic = job_topic(kind)
+
+        def ours(subject: str) -> bool:
+            return subject == topic or subject.startswith(topic + ".")
+
+        consumers = [
+            c
+            for c in await self.js.consumers_info(JOBS_STREAM)
+            if ours(c.config.filter_subject or "")
+        ]
+        waiting = sum(int(c.num_pending or 0) for c in consumers)
+        bound = {c.config.filter_subject for c in consumers}
+        stream = await self.js.stream_info(JOBS_STREAM, subjects_filter=f"{topic}.>")
+        subjects = dict(stream.state.subjects or {})
+        plain = await self.js.stream_info(JOBS_STREAM, subjects_filter=topic)
+        subjects.update(plain.state.subjects or {})
+        return waiting + sum(n for subject, n in subjects.items() if subject not in bound)
 
     # ---- consuming -----------------------------------------------------------------------
 

@@ -64,6 +64,11 @@ def job_consumer_name(kind: str) -> str:
     return f"jobs_{validate_name(kind, 'kind')}"
 
 
+def subqueue_topic(kind: str, subqueue: str) -> str:
+    """The subject of one sub-queue of ``kind``, e.g. a resource class of training workers."""
+    return f"{job_topic(kind)}.{validate_name(subqueue, 'subqueue')}"
+
+
 @dataclass
 class Job:
     """One delivery of a job to this worker; settle it with ack, nak or term."""
@@ -144,10 +149,21 @@ class JobQueue:
 
     @classmethod
     async def open(
-        cls, bus: EventBus, kind: str, *, ack_wait_s: float = 30.0, max_deliver: int = 5
+        cls,
+        bus: EventBus,
+        kind: str,
+        *,
+        ack_wait_s: float = 30.0,
+        max_deliver: int = 5,
+        subqueue: str = "",
     ) -> JobQueue:
-        """Creates (or updates) the kind's shared consumer and binds to it."""
-        durable = job_consumer_name(kind)
+        """Creates (or updates) the kind's shared consumer and binds to it.
+
+        With ``subqueue`` the consumer is that sub-queue's (``aimassjobs.<kind>.<subqueue>``),
+        shared by the workers of that sub-queue only.
+        """
+        durable = job_consumer_name(kind) + (f"_{subqueue}" if subqueue else "")
+        topic = subqueue_topic(kind, subqueue) if subqueue else job_topic(kind)
         config = api.ConsumerConfig(
             name=durable,
             durable_name=durable,
@@ -155,7 +171,7 @@ class JobQueue:
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=ack_wait_s,
             max_deliver=max_deliver,
-            filter_subject=job_topic(kind),
+            filter_subject=topic,
         )
         await bus.add_consumer(JOBS_STREAM, config)
         pull = await bus.js.pull_subscribe_bind(durable=durable, stream=JOBS_STREAM)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,13 +63,21 @@ FaultHook = Callable[[str, int], None]
 
 
 def add_event(
-    session: Session, topic: str, payload: Message, *, subject: str, source: str
+    session: Session,
+    topic: str,
+    payload: Message,
+    *,
+    subject: str,
+    source: str,
+    trace: Mapping[str, str] | None = None,
 ) -> Envelope:
     """Adds the event to the caller's transaction; it is published once the transaction commits.
 
     ``topic`` is an event subject (``aimass.registry.version.created``) or a
     job subject (``aimassjobs.training``, with ``subject`` the job name), so a
     job can be enqueued atomically with the row that describes it.
+    ``trace`` (W3C headers) publishes the event in that trace instead of the current one:
+    a job released later by a scheduler stays in the trace of the request that created it.
     """
     prefix = JOBS_PREFIX if topic.startswith(f"{JOBS_PREFIX}.") else "aimass"
     validate_topic(topic, prefix=prefix)
@@ -79,7 +87,7 @@ def add_event(
             event_id=envelope.id,
             topic=topic,
             envelope=envelope.SerializeToString(),
-            trace_headers=encode_headers(inject_headers()),
+            trace_headers=encode_headers(dict(trace) if trace else inject_headers()),
         )
     )
     session.info[_PENDING] = True

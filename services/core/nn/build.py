@@ -276,7 +276,9 @@ def _transformer(spec: ModelSpec, data: DataSignature, outputs: int) -> Built:
     s = spec.transformer
     d_model = _positive(s.d_model, "model.transformer.d_model")
     heads = _positive(s.num_heads, "model.transformer.num_heads")
-    if d_model % heads:
+    if s.head_dim < 0:
+        raise InvalidArgument("model.transformer.head_dim", f"must be >= 0, got {s.head_dim}")
+    if d_model % heads and not s.head_dim:
         raise InvalidArgument(
             "model.transformer.d_model", f"{d_model} is not a multiple of num_heads ({heads})"
         )
@@ -294,6 +296,7 @@ def _transformer(spec: ModelSpec, data: DataSignature, outputs: int) -> Built:
         dropout=_probability(s.dropout, "model.transformer.dropout"),
         pooling="cls" if s.pooling == tpb.POOLING_CLS else "mean",
         padding_id=s.padding_id,
+        head_dim=s.head_dim,
     )
     return module, (inputs,)
 

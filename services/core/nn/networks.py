@@ -9,6 +9,7 @@ serving. Reshaping into channels, images or sequences happens inside.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -201,6 +202,78 @@ class RnnClassifier(nn.Module):
         return self.head(last)
 
 
+class HeadAttention(nn.Module):
+    """Self-attention over ``num_heads`` heads of ``head_dim`` each, any inner width.
+
+    torch's MultiheadAttention splits d_model into its heads, so a layer cannot hold fewer
+    heads at the same d_model; here q/k/v project d_model -> num_heads * head_dim and the
+    output projection maps that back to d_model, so structured pruning removes heads for
+    real. Parameter names and layout are MultiheadAttention's (``in_proj_weight`` holds
+    q, k, v stacked, ``out_proj``), so its state dicts slice into this one.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner))
+        self.out_proj = nn.Linear(inner, d_model)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        """``x`` [batch, length, d_model]; ``key_padding_mask`` [batch, length], 0 or -inf."""
+        batch, length, _ = x.shape
+        q, k, v = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        scores = heads(q) @ heads(k).transpose(-2, -1) / math.sqrt(self.head_dim)
+        scores = scores + key_padding_mask[:, None, None, :]
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        context = (weights @ heads(v)).transpose(1, 2).reshape(batch, length, -1)
+        return self.out_proj(context)
+
+
+class HeadEncoderLayer(nn.Module):
+    """nn.TransformerEncoderLayer's computation (post-norm, ReLU) over :class:`HeadAttention`,
+    with its parameter names: the layer of a network whose heads were pruned."""
+
+    def __init__(
+        self, d_model: int, num_heads: int, head_dim: int, feedforward_dim: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.self_attn = HeadAttention(d_model, num_heads, head_dim, dropout)
+        self.linear1 = nn.Linear(d_model, feedforward_dim)
+        self.linear2 = nn.Linear(feedforward_dim, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.dropout1(self.self_attn(x, key_padding_mask)))
+        feedforward = self.linear2(self.dropout(torch.relu(self.linear1(x))))
+        return self.norm2(x + self.dropout2(feedforward))
+
+
+class HeadEncoder(nn.Module):
+    """Stacked :class:`HeadEncoderLayer` (``layers``, as in nn.TransformerEncoder)."""
+
+    def __init__(self, layers: Sequence[HeadEncoderLayer]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask)
+        return x
+
+
 class TransformerClassifier(nn.Module):
     """Token and learned position embeddings, a transformer encoder, pooling, a linear head.
 
@@ -221,6 +294,7 @@ class TransformerClassifier(nn.Module):
         dropout: float = 0.0,
         pooling: str = "mean",
         padding_id: int = 0,
+        head_dim: int = 0,
     ) -> None:
         super().__init__()
         self.max_sequence_length = max_sequence_length
@@ -231,14 +305,18 @@ class TransformerClassifier(nn.Module):
         self.positions = nn.Parameter(torch.zeros(1, max_sequence_length + extra, d_model))
         nn.init.normal_(self.positions, std=0.02)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model)) if pooling == "cls" else None
-        layer = nn.TransformerEncoderLayer(
-            d_model,
-            num_heads,
-            feedforward_dim or 4 * d_model,
-            dropout=dropout,
-            batch_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        feedforward = feedforward_dim or 4 * d_model
+        self.encoder: nn.Module
+        if head_dim:  # heads of their own width (pruned heads): same parameter names
+            self.encoder = HeadEncoder(
+                [HeadEncoderLayer(d_model, num_heads, head_dim, feedforward, dropout)
+                 for _ in range(num_layers)]
+            )  # fmt: skip
+        else:
+            layer = nn.TransformerEncoderLayer(
+                d_model, num_heads, feedforward, dropout=dropout, batch_first=True
+            )
+            self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_outputs)
 

@@ -50,7 +50,7 @@ def test_metadata_holds_every_resource_table():
         "deployments",
         "api_keys",
         "webhook_deliveries",
-        "schedules",
+        "pipeline_schedules",
     } <= EXPECTED_TABLES
 
 

@@ -411,3 +411,11 @@ from aimass.cli.pipeline import pipelines_app, run_command  # noqa: E402
 
 app.add_typer(pipelines_app, name="pipelines")
 app.command("run")(run_command)
+
+from aimass.cli.schedule import schedule_app  # noqa: E402
+
+app.add_typer(schedule_app, name="schedule")
+
+from aimass.cli.monitor import monitor_app  # noqa: E402
+
+app.add_typer(monitor_app, name="monitor")

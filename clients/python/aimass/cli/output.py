@@ -34,8 +34,15 @@ def human_duration(seconds: float | None) -> str:
 
 def status_table(rows: Iterable[ComponentStatus], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("component", "pid", "address", "state", "uptime", "restarts"):
-        table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
+    numeric = ("pid", "restarts", "calls", "errors")
+    columns = ("component", "pid", "address", "state", "uptime", "restarts", "calls", "errors")
+    for column in (*columns, "queued", "jobs"):
+        # Names and states never wrap: on a narrow terminal the other columns fold first.
+        table.add_column(
+            column,
+            justify="right" if column in numeric else "left",
+            no_wrap=column in ("component", "state"),
+        )
     for row in rows:
         style = _STATE_STYLE.get(row.state, "")
         table.add_row(
@@ -45,8 +52,24 @@ def status_table(rows: Iterable[ComponentStatus], title: str) -> Table:
             f"[{style}]{row.state}[/]",
             human_duration(row.uptime_s),
             str(row.restarts),
+            *_essentials(row.metrics),
         )
     return table
+
+
+def _essentials(metrics: dict | None) -> tuple[str, str, str, str]:
+    """calls, server errors, queued jobs by kind, finished jobs by outcome ("-" when none)."""
+    if metrics is None:
+        return "-", "-", "-", "-"
+    errors = metrics["server_errors"]
+    queued = ", ".join(f"{kind} {n}" for kind, n in sorted(metrics["queued"].items())) or "-"
+    jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(metrics["jobs"].items()))
+    return (
+        str(metrics["requests"]),
+        f"[red]{errors}[/]" if errors else "0",
+        queued,
+        jobs or "-",
+    )
 
 
 def started_table(state: StackState) -> Table:

@@ -225,7 +225,9 @@ def logs(job: str, address: AddressOption = None) -> None:
     "training", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )
 def training_worker(ctx: typer.Context) -> None:
-    """Pull training jobs until SIGTERM (options: --name, --threads, --ack-wait, --max-jobs)."""
+    """Pull training jobs until SIGTERM (options: --name, --threads, --ack-wait, --max-jobs,
+    and what the worker offers: --resource-class, --cpus, --gpus, --gpu-type, --memory-gib,
+    --processes, --label KEY=VALUE)."""
     from aimass.training.worker import main
 
     main(list(ctx.args))

@@ -43,6 +43,11 @@ class ComponentSpec:
     # Environment for this component only, over the stack's (child_env).
     env: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def metrics_port(self) -> int:
+        """The port of its Prometheus page (services only); 0 when it serves none."""
+        return next((port for what, port in self.ports if what == f"{self.name} metrics"), 0)
+
 
 def available_services() -> list[str]:
     """The services that have an entry point (``python -m aimass.<service>``) installed."""

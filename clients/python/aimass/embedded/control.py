@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from aimass.embedded.errors import NoStackRunning, ReportedError, StackError, StartupFailed
+from aimass.embedded.essentials import scrape
 from aimass.embedded.layout import SUPERVISOR, StackLayout, tail
 from aimass.embedded.probes import DOWN, SERVING, probe
 from aimass.embedded.state import (
@@ -171,6 +172,9 @@ class ComponentStatus:
     uptime_s: float | None
     restarts: int
     log: str
+    # Calls served, server errors, queued and finished jobs (services only; None when the
+    # component serves no metrics or they did not answer).
+    metrics: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,10 @@ async def _probe_one(record: ProcessRecord, timeout_s: float) -> ComponentStatus
         state = SERVING
     else:
         state = await probe(record.kind, record.address, timeout_s)
+    essentials = None
+    if alive and record.metrics_port:
+        host = record.address.rpartition(":")[0] or "127.0.0.1"
+        essentials = await asyncio.to_thread(scrape, host, record.metrics_port, timeout_s)
     return ComponentStatus(
         name=record.name,
         kind=record.kind,
@@ -226,6 +234,7 @@ async def _probe_one(record: ProcessRecord, timeout_s: float) -> ComponentStatus
         uptime_s=round(time.time() - record.create_time, 1) if alive else None,
         restarts=record.restarts,
         log=record.log,
+        metrics=essentials.to_dict() if essentials else None,
     )
 
 

@@ -40,6 +40,8 @@ class ProcessRecord:
     address: str = ""
     log: str = ""
     restarts: int = 0
+    # Port of its Prometheus page on the stack's host; 0 when it serves none.
+    metrics_port: int = 0
 
 
 @dataclass

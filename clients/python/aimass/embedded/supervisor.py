@@ -268,6 +268,7 @@ class Supervisor:
             address=spec.address,
             log=str(spec.log),
             restarts=restarts,
+            metrics_port=spec.metrics_port,
         )
         managed = Managed(spec, process, record, time.monotonic())
         self._managed = [m for m in self._managed if m.spec.name != spec.name] + [managed]
