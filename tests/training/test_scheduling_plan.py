@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from aimass.core.errors import FailedPrecondition, InvalidArgument
 from aimass.training import scheduling
@@ -147,3 +148,12 @@ def test_reserved_workers_are_taken_by_class():
     free = [_free("a1", SMALL, "a"), _free("a2", SMALL, "a"), _free("b1", BIG, "b")]
     left = scheduling.take_reserved(free, ["a", "b", "c"])
     assert [w.name for w in left] == ["a2"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_a_worker_offers_the_gpus_of_its_host_and_gpu_jobs_fit_it():
+    offer = scheduling.detect_offer()
+    assert offer.gpus == torch.cuda.device_count()
+    assert offer.gpu_type == torch.cuda.get_device_name(0).removeprefix("NVIDIA ").strip()
+    assert scheduling.misfit(tpb.Resources(gpus=1, gpu_type=offer.gpu_type), offer) is None
+    assert scheduling.misfit(tpb.Resources(gpus=offer.gpus + 1), offer) is not None
