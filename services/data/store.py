@@ -21,7 +21,7 @@ from aimass.core.errors import InvalidArgument, NotFound
 from aimass.data import config as cfg
 from aimass.data.v1 import data_pb2 as pb
 
-ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
 SPLIT_ENUMS = {
     "train": common_pb2.DATASET_SPLIT_TRAIN,
     "valid": common_pb2.DATASET_SPLIT_VALID,

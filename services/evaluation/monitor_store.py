@@ -42,8 +42,8 @@ DEFAULT_WINDOW_S = 3600.0
 DEFAULT_BINS = 10
 DEFAULT_MIN_ROWS = 100
 MAX_RULES = 50
-_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_DEPLOYMENT = re.compile(r"^deployments/[a-z][a-z0-9-]{0,62}$")
+_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
+_DEPLOYMENT = re.compile(r"^deployments/[a-z][a-z0-9-]{0,62}\Z")
 
 
 def check_id(value: str, field: str) -> str:

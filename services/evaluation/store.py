@@ -46,8 +46,8 @@ PROVIDER_NAMES = {pb.PROVIDER_UNSPECIFIED: "cpu", pb.PROVIDER_CPU: "cpu", pb.PRO
 PROVIDER_ENUMS = {"cpu": pb.PROVIDER_CPU, "cuda": pb.PROVIDER_CUDA}
 CURVE_KINDS = {"roc": pb.CURVE_KIND_ROC, "pr": pb.CURVE_KIND_PRECISION_RECALL}
 
-_VERSION_NAME = re.compile(r"^models/[a-z][a-z0-9-]{0,62}/versions/[1-9][0-9]*$")
-_DATASET_VERSION = re.compile(r"^datasets/[a-z][a-z0-9-]{0,62}/versions/[1-9][0-9]*$")
+_VERSION_NAME = re.compile(r"^models/[a-z][a-z0-9-]{0,62}/versions/[1-9][0-9]*\Z")
+_DATASET_VERSION = re.compile(r"^datasets/[a-z][a-z0-9-]{0,62}/versions/[1-9][0-9]*\Z")
 
 
 def check_version_name(value: str, field: str) -> str:

@@ -16,7 +16,7 @@ import re
 
 from aimass.core.errors import InvalidArgument
 
-ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
 _ID_RULE = "1-63 lower-case letters, digits or '-', starting with a letter"
 _MAX_VERSION = 2**31 - 1
 

@@ -28,28 +28,8 @@ from aimass.training.sources import TableSource
 from aimass.training.trainer import Trainer, TrainPlan
 from aimass.training.v1 import training_pb2 as tpb
 
-
-class Hooks:
-    def metrics(self, step: int, epoch: int, values: dict[str, float]) -> None:
-        pass
-
-    def log(self, message: str) -> None:
-        pass
-
-    def checkpoint(self, step: int, epoch: int, path: Path, metrics: dict[str, float]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
-def token_tables(rows: int, seq: int, vocab: int) -> tuple[pa.Table, pa.Table]:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, vocab, size=(rows, seq))
-    labels = (tokens[:, 0] > vocab // 2).astype(np.int64)
-    table = pa.table({**{f"t{i}": tokens[:, i] for i in range(seq)}, "label": labels})
-    cut = int(rows * 0.9)
-    return table.slice(0, cut), table.slice(cut)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_training import Hooks, token_tables  # the CPU bench's helpers
 
 
 def feature_tables(rows: int, features: int) -> tuple[pa.Table, pa.Table]:

@@ -281,7 +281,7 @@ async def test_the_admin_key_file_is_written_once_and_recreated_when_deleted(tmp
     assert path.read_text().startswith("aimass_admin-")
 
 
-def test_training_worker_rpcs_need_manage() -> None:
+async def test_training_worker_rpcs_need_manage() -> None:
     from aimass.core.auth.roles import DEVELOPER, allowed, method_permissions
 
     table = method_permissions()

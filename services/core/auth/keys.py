@@ -23,7 +23,7 @@ from aimass.core.db.pagination import paginate
 from aimass.core.errors import AlreadyExists, InvalidArgument, NotFound
 
 KEY_PREFIX = "aimass_"
-_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
 _SECRET_BYTES = 32
 
 

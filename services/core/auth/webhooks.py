@@ -64,7 +64,7 @@ _STATES = {
     SUCCEEDED: pb.DELIVERY_STATE_SUCCEEDED,
     FAILED: pb.DELIVERY_STATE_FAILED,
 }
-_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
