@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from aimass.embedded.control import ComponentStatus
@@ -32,17 +32,13 @@ def human_duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
-def status_table(rows: Iterable[ComponentStatus], title: str) -> Table:
+def status_table(rows: Iterable[ComponentStatus], title: str) -> Group:
+    """The components (state, uptime, restarts), then what each service has done (calls,
+    server errors, queued and finished jobs): two tables, so each fits 80 columns."""
+    rows = list(rows)
     table = Table(title=title, title_justify="left")
-    numeric = ("pid", "restarts", "calls", "errors")
-    columns = ("component", "pid", "address", "state", "uptime", "restarts", "calls", "errors")
-    for column in (*columns, "queued", "jobs"):
-        # Names and states never wrap: on a narrow terminal the other columns fold first.
-        table.add_column(
-            column,
-            justify="right" if column in numeric else "left",
-            no_wrap=column in ("component", "state"),
-        )
+    for column in ("component", "pid", "address", "state", "uptime", "restarts"):
+        table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
     for row in rows:
         style = _STATE_STYLE.get(row.state, "")
         table.add_row(
@@ -52,15 +48,22 @@ def status_table(rows: Iterable[ComponentStatus], title: str) -> Table:
             f"[{style}]{row.state}[/]",
             human_duration(row.uptime_s),
             str(row.restarts),
-            *_essentials(row.metrics),
         )
-    return table
+    served = [row for row in rows if row.metrics is not None]
+    if not served:
+        return Group(table)
+    activity = Table(
+        title="served since start (from each service's /metrics)", title_justify="left"
+    )
+    for column in ("service", "calls", "errors", "queued", "jobs"):
+        activity.add_column(column, justify="right" if column in ("calls", "errors") else "left")
+    for row in served:
+        activity.add_row(row.name, *_essentials(row.metrics))
+    return Group(table, activity)
 
 
-def _essentials(metrics: dict | None) -> tuple[str, str, str, str]:
+def _essentials(metrics: dict) -> tuple[str, str, str, str]:
     """calls, server errors, queued jobs by kind, finished jobs by outcome ("-" when none)."""
-    if metrics is None:
-        return "-", "-", "-", "-"
     errors = metrics["server_errors"]
     queued = ", ".join(f"{kind} {n}" for kind, n in sorted(metrics["queued"].items())) or "-"
     jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(metrics["jobs"].items()))
