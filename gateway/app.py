@@ -6,9 +6,11 @@ body within the size limit (413), build the request message (400 naming the
 field, or the JSON error's position), call the service that owns the RPC over
 a pooled grpc.aio channel with serialized bytes (no stubs), forwarding the
 caller's credentials and trace context, and answer JSON (server streaming as
-newline-delimited JSON). gRPC errors become Envoy's HTTP statuses with a
-google.rpc.Status body; RESOURCE_EXHAUSTED with RetryInfo adds Retry-After.
-Each matched response names its RPC in ``x-aimass-rpc``.
+newline-delimited JSON). Inside a service's process the unary methods it
+serves are called in process instead (``local_calls``, :mod:`aimass.gateway.local`),
+through the same server-side wrapper and with the same errors. gRPC errors
+become Envoy's HTTP statuses with a google.rpc.Status body; RESOURCE_EXHAUSTED
+with RetryInfo adds Retry-After. Each matched response names its RPC in ``x-aimass-rpc``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from grpc import aio
 from aimass.core.clients import channel_options
 from aimass.core.settings import Settings
 from aimass.gateway.descriptors import Descriptors
+from aimass.gateway.local import UnaryCall
 from aimass.gateway.openapi import openapi_document
 from aimass.gateway.routes import Route, Router, routes_of
 from aimass.gateway.transcode import (
@@ -72,7 +75,10 @@ class Gateway:
         addresses: Mapping[str, str] | None = None,
         max_body_bytes: int | None = None,
         unary_timeout_s: float = 300.0,
+        local_calls: Mapping[str, UnaryCall] | None = None,
     ) -> None:
+        """``local_calls``: gRPC method -> an in-process call (aimass.gateway.local), used
+        instead of a channel when the gateway runs inside the process that serves it."""
         self.settings = settings
         self.descriptors = descriptors
         self.router = Router(routes_of(descriptors.services()))
@@ -80,8 +86,10 @@ class Gateway:
         self.max_body_bytes = max_body_bytes or settings.max_message_mb * 1024 * 1024
         self.unary_timeout_s = unary_timeout_s
         self._channels: dict[str, aio.Channel] = {}
-        # gRPC method -> its multicallable on the pooled channel, made once, not per request.
-        self._unary_calls: dict[str, aio.UnaryUnaryMultiCallable] = {}
+        self.local_calls = dict(local_calls or {})
+        # gRPC method -> its in-process call, else its multicallable on the pooled channel,
+        # made once, not per request.
+        self._unary_calls: dict[str, UnaryCall] = dict(self.local_calls)
         self._openapi: bytes | None = None
 
     # ---- the application ----------------------------------------------------------------
@@ -96,7 +104,7 @@ class Gateway:
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
-        self._unary_calls = {}
+        self._unary_calls = dict(self.local_calls)
         for channel in channels:
             await channel.close()
 
@@ -162,7 +170,7 @@ class Gateway:
             return await self._stream(request, route, message.SerializeToString(), metadata)
         return await self._unary(route, message.SerializeToString(), metadata)
 
-    def _unary_call(self, route: Route) -> aio.UnaryUnaryMultiCallable:
+    def _unary_call(self, route: Route) -> UnaryCall:
         call = self._unary_calls.get(route.grpc_method)
         if call is None:
             call = self.channel(route.package).unary_unary(route.grpc_method)
@@ -172,10 +180,9 @@ class Gateway:
     async def _unary(
         self, route: Route, payload: bytes, metadata: tuple[tuple[str, str], ...]
     ) -> web.Response:
-        channel = self.channel(route.package)
         try:
             if route.client_streaming:
-                call = channel.stream_unary(route.grpc_method)
+                call = self.channel(route.package).stream_unary(route.grpc_method)
                 reply = await call(_one(payload), metadata=metadata, timeout=self.unary_timeout_s)
             else:
                 call = self._unary_call(route)

@@ -1,4 +1,9 @@
-"""The gateway process: settings, descriptors, serve on ports.gateway until SIGTERM."""
+"""The gateway process: settings, descriptors, serve on ports.gateway until SIGTERM.
+
+Or co-located: :func:`start_co_located_gateway` serves the same REST API from inside
+a service's process (the embedded stack's routing), calling that process's own unary
+methods in process (:mod:`aimass.gateway.local`) and the other services over gRPC.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from aimass.core.server import wait_for_stop_signal
 from aimass.core.settings import Settings, SettingsError, load_settings
 from aimass.gateway.app import Gateway
 from aimass.gateway.descriptors import Descriptors, descriptor_set_from_modules
+from aimass.gateway.local import HandlerLookup, local_calls
+from aimass.gateway.routes import routes_of
 
 log = logging.getLogger(__name__)
 # A descriptor set file (buf build -o / protoc --descriptor_set_out); default: the
@@ -37,10 +44,31 @@ async def start_gateway(
     site = web.TCPSite(
         runner, settings.host, settings.ports.gateway if port is None else port, backlog=1024
     )
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     log.info("gateway serving REST on %s:%d", settings.host, bound)
     return runner, int(bound)
+
+
+async def start_co_located_gateway(
+    settings: Settings, lookup: HandlerLookup, port: int | None = None
+) -> tuple[web.AppRunner, int, Gateway]:
+    """Serves REST from a service's process: the unary methods ``lookup`` finds are called in
+    process (through the handlers' server-side wrapper), every other route over gRPC."""
+    descriptors = load_descriptors()
+    methods = [
+        route.grpc_method
+        for route in routes_of(descriptors.services())
+        if not (route.client_streaming or route.server_streaming)
+    ]
+    gateway = Gateway(settings, descriptors, local_calls=local_calls(lookup, methods))
+    runner, bound = await start_gateway(settings, gateway, port)
+    log.info("gateway: %d unary methods called in process", len(gateway.local_calls))
+    return runner, bound, gateway
 
 
 async def _run(settings: Settings) -> None:

@@ -283,6 +283,14 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
         return self.interceptor.wrap(details.method, handler)
 
 
+@dataclass(frozen=True)
+class _CallDetails(grpc.HandlerCallDetails):
+    """What a generic handler is asked with, outside a call."""
+
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
+
+
 class InterceptedRegistration:
     """Stands for a server while services add their handlers, and adds them wrapped.
 
@@ -296,19 +304,35 @@ class InterceptedRegistration:
     def __init__(self, server: grpc.aio.Server, interceptor: AimassServerInterceptor) -> None:
         self.server = server
         self.interceptor = interceptor
+        # What was registered, wrapped, so a co-located gateway calls exactly what gRPC calls.
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._registered: dict[str, grpc.RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self.server.add_generic_rpc_handlers(
-            tuple(_WrappedGenericHandler(h, self.interceptor) for h in handlers)
-        )
+        wrapped = tuple(_WrappedGenericHandler(h, self.interceptor) for h in handlers)
+        self._generic.extend(wrapped)
+        self.server.add_generic_rpc_handlers(wrapped)
 
     def add_registered_method_handlers(
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
     ) -> None:
-        self.server.add_registered_method_handlers(
-            service,
-            {name: self.interceptor.wrap(f"/{service}/{name}", h) for name, h in handlers.items()},
-        )
+        wrapped = {
+            name: self.interceptor.wrap(f"/{service}/{name}", h) for name, h in handlers.items()
+        }
+        self._registered.update({f"/{service}/{name}": h for name, h in wrapped.items()})
+        self.server.add_registered_method_handlers(service, wrapped)
+
+    def handler(self, method: str) -> grpc.RpcMethodHandler | None:
+        """The wrapped handler the server runs for ``method`` ("/pkg.Service/Method"), or None."""
+        found = self._registered.get(method)
+        if found is not None:
+            return found
+        details = _CallDetails(method, ())
+        for generic in self._generic:
+            found = generic.service(details)
+            if found is not None:
+                return found
+        return None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.server, name)

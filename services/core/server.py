@@ -47,6 +47,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     services: Sequence[GrpcService]
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The services' handlers as registered (wrapped): a co-located gateway calls them.
+    registration: InterceptedRegistration | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -120,7 +122,13 @@ async def create_server(
     if bound == 0:
         raise Unavailable(f"{name}: cannot listen on {address}: the port is already in use")
     await server.start()
-    running = RunningServer(server=server, port=bound, health=health_servicer, services=services)
+    running = RunningServer(
+        server=server,
+        port=bound,
+        health=health_servicer,
+        services=services,
+        registration=registration,
+    )
     # The hook built here is this server's: its NATS link (key revocations, shared rate
     # limits) connects before the first call and closes with the server.
     if owned_auth and hasattr(auth, "start"):

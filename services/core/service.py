@@ -3,7 +3,8 @@
 Reads the settings (a bad value exits with status 2 and the key named),
 configures logging and tracing, opens the shared resources the service asks
 for (database at the schema head, artifact store, event bus with its outbox
-relay), builds the servicers, serves until SIGTERM, then shuts down in the
+relay), builds the servicers, serves (plus the REST gateway where
+``co_located_gateway`` names this service) until SIGTERM, then shuts down in the
 reverse order. Services never import each other; they talk gRPC or events.
 """
 
@@ -24,7 +25,7 @@ from aimass.core.auth import outgoing_credentials
 from aimass.core.clients import ServiceChannels
 from aimass.core.db.engine import Database
 from aimass.core.db.migrate import check_at_head
-from aimass.core.errors import AimassError
+from aimass.core.errors import AimassError, Unavailable
 from aimass.core.events import EventBus, OutboxRelay
 from aimass.core.logging import configure_logging
 from aimass.core.metrics import serve_metrics, watch_queue_depths
@@ -154,8 +155,33 @@ async def close_context(ctx: ServiceContext) -> None:
     ctx.closers.clear()
 
 
+async def start_co_located_gateway(name: str, running: RunningServer, settings: Settings) -> Any:
+    """Serves the REST gateway from this process when the settings name it as its host;
+    returns the gateway (aimass.gateway.app.Gateway), None when this process hosts none.
+
+    Stopped first of the stop hooks (after the gRPC drain), before the servicers close.
+    """
+    if settings.co_located_gateway != name or running.registration is None:
+        return None
+    # Imported here: only the one process that hosts the gateway loads aiohttp for it.
+    from aimass.gateway.server import start_co_located_gateway as start
+
+    try:
+        runner, _, gateway = await start(settings, running.registration)
+    except OSError as err:
+        address = f"{settings.host}:{settings.ports.gateway}"
+        raise Unavailable(f"{name}: cannot serve the REST gateway on {address}: {err}") from err
+    running.on_stop.append(runner.cleanup)
+    return gateway
+
+
 async def _run(name: str, build: BuildFn, settings: Settings) -> None:
     running, ctx = await start_service(name, build, settings)
+    try:
+        await start_co_located_gateway(name, running, settings)
+    except BaseException:
+        await running.stop(0)
+        raise
     # A real process exposes its metrics (unless its build already did, with its own).
     ctx.serve_metrics(settings.ports.metrics)
     await serve_until_signal(running, name, settings.shutdown_grace_s)

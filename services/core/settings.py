@@ -197,6 +197,9 @@ class Settings(BaseSettings):
     # Host of each service where it is not `host` (compose, Kubernetes: one host per
     # service), e.g. AIMASS_SERVICE_HOSTS__REGISTRY=registry. Servers still bind `host`.
     service_hosts: dict[str, str] = Field(default_factory=dict)
+    # The service whose process also serves the REST gateway on ports.gateway, calling its
+    # own unary methods in process (the embedded stack: routing); "" means none does.
+    co_located_gateway: str = ""
 
     @field_validator("database_url")
     @classmethod
@@ -213,6 +216,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unknown service {', '.join(unknown)}; known: {', '.join(Ports.model_fields)}"
             )
+        return value
+
+    @field_validator("co_located_gateway")
+    @classmethod
+    def _known_gateway_host(cls, value: str) -> str:
+        if value and value not in (*SERVICE_NAMES, "pipeline"):
+            raise ValueError(f"unknown service; known: {', '.join((*SERVICE_NAMES, 'pipeline'))}")
         return value
 
     @field_validator("artifact_root")

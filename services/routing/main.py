@@ -6,6 +6,9 @@ Triton: the data plane), on the routing port, plus Prometheus metrics on the
 metrics port. It follows ``aimass.registry.alias.moved`` to roll deployments
 that route to an alias, and writes the calls that deployments' prediction
 logging samples to the artifact store (see :mod:`aimass.routing.prediction_log`).
+With ``AIMASS_CO_LOCATED_GATEWAY=routing`` (what `aimass up` sets) it also serves the
+REST gateway on ports.gateway, calling its own unary methods in process
+(:mod:`aimass.gateway.local`).
 """
 
 from __future__ import annotations

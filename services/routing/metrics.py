@@ -15,7 +15,7 @@ OpenTelemetry observable counters (``aimass.predict.requests``,
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -75,6 +75,38 @@ class _PredictCollector(Collector):
         yield histogram
 
 
+# (server, model entry, calls sent, requests they carried) of each coalescer.
+CoalescingFigures = Callable[[], Iterable[tuple[str, str, int, int]]]
+
+
+class _CoalescingCollector(Collector):
+    """Calls sent to servers and the requests they carried (their ratio: the mean batch)."""
+
+    def __init__(self, figures: CoalescingFigures) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "aimass_server_calls",
+            "Inference calls the router sent, per server and model entry (merged or alone).",
+            labels=["server", "model"],
+        )
+        carried = CounterMetricFamily(
+            "aimass_server_call_requests",
+            "Predict requests those calls carried; over aimass_server_calls: the mean merge.",
+            labels=["server", "model"],
+        )
+        totals: dict[tuple[str, str], tuple[int, int]] = {}
+        for server, model, sent, requests in self.figures():
+            before = totals.get((server, model), (0, 0))
+            totals[(server, model)] = (before[0] + sent, before[1] + requests)
+        for labels, (sent, requests) in totals.items():
+            calls.add_metric(list(labels), sent)
+            carried.add_metric(list(labels), requests)
+        yield calls
+        yield carried
+
+
 class RoutingMetrics:
     def __init__(self, meter_provider: otel_metrics.MeterProvider | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -99,6 +131,10 @@ class RoutingMetrics:
             registry=self.registry,
         )
         self._register_otel(meter_provider)
+
+    def watch_coalescing(self, figures: CoalescingFigures) -> None:
+        """Exposes the coalescers' figures (read at scrape time, nothing per request)."""
+        self.registry.register(_CoalescingCollector(figures))
 
     def _register_otel(self, provider: otel_metrics.MeterProvider | None) -> None:
         """The same request counts as OpenTelemetry observable instruments.

@@ -59,6 +59,8 @@ class ServerRuntime:
     missed_checks: int = 0
     outstanding: int = 0
     models: dict[str, LoadedModel] = field(default_factory=dict)
+    # (model entry, tensor layout) -> its Coalescer (aimass.routing.coalesce).
+    coalescers: dict[tuple[str, Any], Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -78,6 +80,12 @@ class ServerRuntime:
     def has_ready(self, model: str) -> bool:
         loaded = self.models.get(model)
         return loaded is not None and loaded.state == "READY"
+
+    def forget(self, model: str) -> None:
+        """Drops what this router keeps about a model entry that left the server."""
+        self.models.pop(model, None)
+        for key in [k for k in self.coalescers if k[0] == model]:
+            del self.coalescers[key]
 
     def memory_used(self) -> int:
         return sum(m.size_bytes for m in self.models.values() if m.state == "READY")
@@ -134,9 +142,15 @@ class Plan:
     capture: CaptureOptions = field(default_factory=CaptureOptions)
     # The signature's inputs, precomputed for the check of every request.
     input_check: InputCheck = field(init=False)
+    mergeable: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.input_check = InputCheck(self.signature, self.options.max_batch_size)
+        # Requests can be merged along the batch dimension only when the model has one and
+        # every tensor has a fixed item size (BYTES elements carry their own lengths).
+        self.mergeable = self.options.max_batch_size > 0 and all(
+            t.datatype != "BYTES" for t in (*self.signature.inputs, *self.signature.outputs)
+        )
         self.capture = CaptureOptions.from_proto(self.deployment.serving_config.prediction_logging)
         total = 0.0
         for version, weight in self.routes:

@@ -49,6 +49,7 @@ from aimass.core.telemetry import inject_headers
 from aimass.core.triton.s3_repository import parse_s3_repository
 from aimass.events.v1 import events_pb2
 from aimass.routing.backends import BACKEND_LABEL, UpstreamError, make_backend
+from aimass.routing.coalesce import Coalescer, LayoutKey, layout_of
 from aimass.routing.config import RoutingConfig
 from aimass.routing.metrics import RoutingMetrics
 from aimass.routing.plan import LoadedModel, Plan, ServerRuntime, serving_options
@@ -106,6 +107,14 @@ class Router:
         self.ready = asyncio.Event()
         # Set by the service when prediction logging is available (see prediction_log).
         self.prediction_log: PredictionLogger | None = None
+        self.metrics.watch_coalescing(self._coalescing_figures)
+
+    def _coalescing_figures(self) -> list[tuple[str, str, int, int]]:
+        return [
+            (server.name, model, coalescer.calls, coalescer.requests)
+            for server in list(self.servers.values())
+            for (model, _), coalescer in list(server.coalescers.items())
+        ]
 
     # ---- life ---------------------------------------------------------------------------
 
@@ -337,7 +346,7 @@ class Router:
             index = await runtime.backend.index()
             for name, model in list(runtime.models.items()):
                 if index.get(name) != "READY":
-                    runtime.models.pop(name, None)
+                    runtime.forget(name)
                     del model
         for plan in list(self.plans.values()):
             if runtime in plan.servers:
@@ -372,7 +381,7 @@ class Router:
                 with contextlib.suppress(AimassError):
                     await runtime.backend.unload(name)
             if name not in needed:
-                runtime.models.pop(name, None)
+                runtime.forget(name)
 
     # ---- deployments ----------------------------------------------------------------------
 
@@ -639,7 +648,7 @@ class Router:
             await self._unload(runtime, victim.name, "evict")
 
     async def _unload(self, runtime: ServerRuntime, name: str, event: str) -> None:
-        runtime.models.pop(name, None)
+        runtime.forget(name)
         try:
             await runtime.backend.unload(name)
         except AimassError as err:
@@ -766,7 +775,7 @@ class Router:
         code = "OK"
         response: bytes | None = None
         try:
-            response = await self._forward(plan, version, raw, started + timeout)
+            response = await self._forward(plan, version, raw, started + timeout, request)
             if plan.shadow is not None and random.random() * 100 < plan.shadow[1]:
                 self._shadow(plan, raw, response)
             return response + plan.wire(version)[2]
@@ -803,9 +812,22 @@ class Router:
         )
         self.prediction_log.offer(plan.name, plan.capture, call)  # type: ignore[union-attr]
 
-    async def _forward(self, plan: Plan, version: str, raw: bytes, deadline: float) -> bytes:
+    async def _forward(
+        self,
+        plan: Plan,
+        version: str,
+        raw: bytes,
+        deadline: float,
+        request: pb.PredictRequest | None = None,
+    ) -> bytes:
+        """The server's answer to ``raw``; ``request`` (parsed) lets it be merged with others."""
         model, suffix, _ = plan.wire(version)
         forward = raw + suffix
+        layout = (
+            layout_of(request)
+            if request is not None and plan.mergeable and self.config.coalesce_max_in_flight > 0
+            else None
+        )
         tried: set[str] = set()
         attempts = plan.options.max_retries + 1
         last_error: AimassError | None = None
@@ -822,6 +844,16 @@ class Router:
                 loaded.in_flight += 1
                 loaded.last_used = time.monotonic()
             try:
+                if layout is not None and not trace.get_current_span().is_recording():
+                    return await self._coalesced(
+                        plan,
+                        server,
+                        (model, suffix),
+                        request,
+                        layout,
+                        forward,
+                        remaining,  # type: ignore[arg-type]
+                    )
                 return await self._call(plan, version, server, model, forward, remaining)
             except UpstreamError as err:
                 if err.code != grpc.StatusCode.UNAVAILABLE:
@@ -836,6 +868,37 @@ class Router:
         if last_error is not None:
             raise last_error
         raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{plan.name}: deadline exceeded")
+
+    async def _coalesced(
+        self,
+        plan: Plan,
+        server: ServerRuntime,
+        entry: tuple[str, bytes],
+        request: pb.PredictRequest,
+        layout: tuple[LayoutKey, int],
+        forward: bytes,
+        timeout_s: float,
+    ) -> bytes:
+        """One call through the model's coalescer on ``server`` (see aimass.routing.coalesce).
+
+        Traced requests skip it: each keeps its own Triton call span and context.
+        """
+        (model, suffix), (key, rows) = entry, layout
+        coalescer = server.coalescers.get((model, key))
+        if coalescer is None:
+            backend = server.backend
+
+            async def send(body: bytes, seconds: float) -> bytes:
+                return await backend.call(model, body, seconds)
+
+            coalescer = server.coalescers[(model, key)] = Coalescer(
+                send,
+                suffix,
+                plan.options.max_batch_size,
+                # Each instance of the model can run a batch at once.
+                self.config.coalesce_max_in_flight * plan.options.instance_count,
+            )
+        return await coalescer.call(request, forward, rows, time.monotonic() + timeout_s)
 
     async def _call(
         self,

@@ -11,9 +11,13 @@
    `aimass up`; one client process drives concurrency C over grpc.aio and over aiohttp,
    interleaved rounds.
 4. Predict: a small ONNX MLP (8 -> 16 -> 3, batch of 4 rows) deployed on the routing
-   service's in-process ONNX Runtime backend (no Triton), REST POST
-   /v1/deployments/{id}:predict through the gateway (JSON, base64 raw tensors) against gRPC
-   Predict on the routing service, concurrency 1, 8 and 32, interleaved rounds.
+   service's in-process ONNX Runtime backend (no Triton). gRPC Predict on the routing
+   process against REST POST /v1/deployments/{id}:predict (JSON, base64 raw tensors)
+   served by the same routing process (the co-located gateway of `aimass up`: Predict
+   called in process, no second hop), and, as an extra column, through the separate
+   gateway process (the Envoy-like topology: one more gRPC hop), concurrency 1, 8 and 32,
+   interleaved rounds. CPU time per call of the routing process (gRPC and co-located REST)
+   and of the separate gateway process.
 Medians; ratios against the baselines measured in the same run.
 """
 
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -144,6 +149,8 @@ async def interceptor_cost(db_url: str, key: str, calls: int, rounds: int) -> tu
 def start_processes(home: Path, db_url: str) -> tuple[list[subprocess.Popen], dict[str, int]]:
     names = ("registry", "routing", "gateway", "nats", "nats_monitor")
     ports = {name: free_port() for name in names}
+    # The REST gateway inside routing (co-located), beside the separate one on ports.gateway.
+    co_located = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMASS_")}
     env.update(
         {
@@ -167,30 +174,41 @@ def start_processes(home: Path, db_url: str) -> tuple[list[subprocess.Popen], di
     time.sleep(0.5)
     logs = (home / "logs").open("w")
     processes = [nats]
-    for module in ("aimass.registry", "aimass.routing", "aimass.gateway"):
+    routing_env = {
+        "AIMASS_CO_LOCATED_GATEWAY": "routing",
+        "AIMASS_PORTS__GATEWAY": str(co_located),
+    }
+    for module, extra in (
+        ("aimass.registry", {}),
+        ("aimass.routing", routing_env),
+        ("aimass.gateway", {}),
+    ):
         processes.append(
-            subprocess.Popen([sys.executable, "-m", module], env=env, stdout=logs, stderr=logs)
+            subprocess.Popen(
+                [sys.executable, "-m", module], env={**env, **extra}, stdout=logs, stderr=logs
+            )
         )
-    return processes, ports
+    return processes, {**ports, "co_located": co_located}
 
 
 async def wait_ready(ports: dict[str, int], key: str) -> None:
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(
-                    f"http://127.0.0.1:{ports['gateway']}/v1/models", headers={"x-api-key": key}
-                ) as reply,
-            ):
-                if reply.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("registry or gateway did not start (see the logs in the home)")
-        await asyncio.sleep(0.3)
+    for port in (ports["gateway"], ports["co_located"]):
+        while True:
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(
+                        f"http://127.0.0.1:{port}/v1/models", headers={"x-api-key": key}
+                    ) as reply,
+                ):
+                    if reply.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("a service or gateway did not start (see the logs in the home)")
+            await asyncio.sleep(0.3)
 
 
 # (gRPC method, request, REST path): one RPC that reads the database, one that does not.
@@ -322,52 +340,87 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
+@dataclass(frozen=True)
+class PredictFigures:
+    """Medians at one concurrency: requests/s per path and CPU us per call per process."""
+
+    grpc_rps: float
+    # REST served by the routing process itself (co-located gateway, in-process Predict).
+    local_rps: float
+    # REST through the separate gateway process (one more gRPC hop).
+    hop_rps: float
+    routing_grpc_us: float
+    routing_local_us: float
+    gateway_us: float
+
+
+async def cpu_per_call(
+    process: psutil.Process, requests: int, run: Awaitable[float]
+) -> tuple[float, float]:
+    """(requests/s, CPU us of ``process`` per call); ``run`` makes requests + 1 calls."""
+    start = cpu_seconds(process)
+    rps = await run
+    return rps, (cpu_seconds(process) - start) / (requests + 1) * 1e6
+
+
 async def predict_throughput(
     ports: dict[str, int],
     key: str,
     concurrencies: list[int],
     requests: int,
     rounds: int,
+    routing: psutil.Process,
     gateway: psutil.Process,
-) -> dict[int, tuple[float, float, float]]:
-    """Per concurrency: gRPC requests/s, REST requests/s, gateway CPU us per REST request.
+) -> dict[int, PredictFigures]:
+    """Per concurrency, interleaved rounds of gRPC, co-located REST and separate-gateway REST.
 
-    The CPU time of the gateway process is what the machine's load moves least: on
-    shared cores, throughput ratios swing between runs, the work per request does not.
+    CPU time per call is what the machine's load moves least: on shared cores, throughput
+    ratios swing between runs, the work per request does not.
     """
     metadata = (("x-api-key", key),)
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{ports['registry']}") as registry,
-        grpc.aio.insecure_channel(f"127.0.0.1:{ports['routing']}") as routing,
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports['routing']}") as routing_channel,
     ):
         registry_stub = registry_pb2_grpc.RegistryServiceStub(registry)
         version = await register_onnx(registry_stub, "bench-mlp", mlp_onnx(), metadata)
-        routing_stub = routing_pb2_grpc.RoutingServiceStub(routing)
+        routing_stub = routing_pb2_grpc.RoutingServiceStub(routing_channel)
         deployment = await deploy_ready(routing_stub, "bench-mlp", version, metadata)
     results = {}
     for concurrency in concurrencies:
-        grpc_rps, rest_rps, gateway_us = [], [], []
+        samples: dict[str, list[float]] = {name: [] for name in PredictFigures.__annotations__}
         for _ in range(rounds):
-            grpc_rps.append(
-                await grpc_predict_round(ports["routing"], key, deployment, concurrency, requests)
+            # Every round: requests + 1 calls (the warm-up call included) per path.
+            rps, us = await cpu_per_call(
+                routing,
+                requests,
+                grpc_predict_round(ports["routing"], key, deployment, concurrency, requests),
             )
-            # Includes the warm-up call: requests + 1 REST calls reach the gateway.
-            start = cpu_seconds(gateway)
-            rest_rps.append(
-                await rest_predict_round(ports["gateway"], key, deployment, concurrency, requests)
+            samples["grpc_rps"].append(rps)
+            samples["routing_grpc_us"].append(us)
+            rps, us = await cpu_per_call(
+                routing,
+                requests,
+                rest_predict_round(ports["co_located"], key, deployment, concurrency, requests),
             )
-            gateway_us.append((cpu_seconds(gateway) - start) / (requests + 1) * 1e6)
-        results[concurrency] = (
-            statistics.median(grpc_rps),
-            statistics.median(rest_rps),
-            statistics.median(gateway_us),
+            samples["local_rps"].append(rps)
+            samples["routing_local_us"].append(us)
+            rps, us = await cpu_per_call(
+                gateway,
+                requests,
+                rest_predict_round(ports["gateway"], key, deployment, concurrency, requests),
+            )
+            samples["hop_rps"].append(rps)
+            samples["gateway_us"].append(us)
+        results[concurrency] = PredictFigures(
+            **{name: statistics.median(values) for name, values in samples.items()}
         )
     return results
 
 
 async def rest_vs_grpc(
     home: Path, db_url: str, key: str, concurrency: int, requests: int, rounds: int
-) -> tuple[dict[str, tuple[float, float]], dict[int, tuple[float, float, float]]]:
+) -> tuple[dict[str, tuple[float, float]], dict[int, PredictFigures]]:
     processes, ports = start_processes(home, db_url)
     try:
         await wait_ready(ports, key)
@@ -388,9 +441,9 @@ async def rest_vs_grpc(
                 )
             results[case] = (statistics.median(grpc_rps), statistics.median(rest_rps))
         # start_processes: nats, registry, routing, gateway.
-        gateway = psutil.Process(processes[3].pid)
+        routing, gateway = (psutil.Process(p.pid) for p in processes[2:4])
         predict = await predict_throughput(
-            ports, key, PREDICT_CONCURRENCY, requests, rounds, gateway
+            ports, key, PREDICT_CONCURRENCY, requests, rounds, routing, gateway
         )
         return results, predict
     finally:
@@ -440,16 +493,22 @@ async def main_async(args: argparse.Namespace) -> str:
         "|---|---|---|---|",
         *(f"| {case} | {g:.0f} | {r:.0f} | {r / g:.2f} |" for case, (g, r) in throughput.items()),
         "",
-        "Predict, REST through the built-in gateway vs gRPC on the routing service, auth on:"
-        f" ONNX MLP 8-16-3 on the in-process ONNX Runtime backend, batch {BATCH.shape[0]},"
-        " goal REST / gRPC >= 0.70:",
+        "Predict, REST :predict vs gRPC Predict on the routing process, auth on:"
+        f" ONNX MLP 8-16-3 on the in-process ONNX Runtime backend, batch {BATCH.shape[0]}."
+        " REST served by the routing process itself (co-located gateway, Predict called in"
+        " process; goal REST / gRPC >= 0.70), and through the separate gateway process"
+        " (one more gRPC hop):",
         "",
-        "| concurrency | gRPC Predict requests/s | REST :predict requests/s | REST / gRPC"
-        " | gateway CPU us per REST request |",
-        "|---|---|---|---|---|",
+        "| concurrency | gRPC requests/s | REST co-located requests/s | REST co-located / gRPC"
+        " | REST separate requests/s | REST separate / gRPC"
+        " | routing CPU us per gRPC call | routing CPU us per REST call"
+        " | separate gateway CPU us per REST call |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(
-            f"| {c} | {g:.0f} | {r:.0f} | {r / g:.2f} | {us:.0f} |"
-            for c, (g, r, us) in predict.items()
+            f"| {c} | {f.grpc_rps:.0f} | {f.local_rps:.0f} | {f.local_rps / f.grpc_rps:.2f}"
+            f" | {f.hop_rps:.0f} | {f.hop_rps / f.grpc_rps:.2f} | {f.routing_grpc_us:.0f}"
+            f" | {f.routing_local_us:.0f} | {f.gateway_us:.0f} |"
+            for c, f in predict.items()
         ),
         "",
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import urllib.request
 
 import grpc
 import numpy as np
@@ -98,6 +99,41 @@ async def test_predict_through_triton_matches_onnx(stack, models, triton):
     assert server.ready
     assert [version_of(m.triton_model_name) for m in server.loaded_models] == ["digits-v1"]
     assert server.loaded_models[0].deployments == ["deployments/digits"]
+
+
+async def test_concurrent_predicts_are_merged_and_each_gets_its_own_rows(stack, models):
+    """Many requests at once: the router merges them into fewer Triton calls (see
+    aimass.routing.coalesce), and every caller still gets the answer to its own rows and id."""
+    version = await stack.register("merged", models["a"][0])
+    await stack.deploy("merged", [(version, 100)], servers=[TRITON], serving_config=batching(8))
+    rng = np.random.default_rng(7)
+    batches = [rng.random((1 + i % 3, 8), dtype=np.float32) for i in range(96)]
+
+    async def one(index: int) -> None:
+        response = await stack.predict("deployments/merged", batches[index], id=f"r{index}")
+        assert response.id == f"r{index}"
+        assert response.deployment == "deployments/merged"
+        assert response.model_version == version
+        expected = reference(models["a"][1], batches[index])
+        np.testing.assert_allclose(output_of(response), expected, atol=1e-5)
+
+    for start in range(0, len(batches), 32):
+        await asyncio.gather(*(one(i) for i in range(start, start + 32)))
+    (coalescer,) = [
+        c for (model, _), c in stack.router.servers[TRITON].coalescers.items() if "merged" in model
+    ]
+    assert coalescer.requests == len(batches)
+    assert coalescer.calls < coalescer.requests  # some calls carried several requests
+    scraped = await asyncio.to_thread(
+        urllib.request.urlopen, f"http://127.0.0.1:{stack.config.metrics_port}/metrics"
+    )
+    text = scraped.read().decode()
+    assert f'aimass_server_calls_total{{model="{coalescer_model(stack)}"' in text
+
+
+def coalescer_model(stack) -> str:
+    (model,) = [m for m, _ in stack.router.servers[TRITON].coalescers if "merged" in m]
+    return model
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ from aimass.embedded.layout import StackLayout
 
 NATS = "nats"
 GATEWAY = "gateway"
+# The service whose process serves the REST gateway (co-located, in-process dispatch).
+GATEWAY_HOST = "routing"
 MAX_PORT = 65535
 
 
@@ -42,6 +44,9 @@ class ComponentSpec:
     log: Path
     # Environment for this component only, over the stack's (child_env).
     env: tuple[tuple[str, str], ...] = ()
+    # The component whose process serves this one (the REST gateway inside routing): not
+    # started on its own, probed on its own address, restarted and stopped with its host.
+    hosted_by: str = ""
 
     @property
     def metrics_port(self) -> int:
@@ -124,6 +129,9 @@ def plan(settings: Settings, layout: StackLayout, services: list[str]) -> list[C
     )
     # All processes share one host here, so each service gets its own metrics port:
     # ports.metrics + its index (each container of the compose stack uses ports.metrics).
+    # The REST gateway runs inside routing (its Predict then skips a process hop), where
+    # routing is installed; else as its own process (aimass.gateway).
+    gateway_host = GATEWAY_HOST if GATEWAY_HOST in services else ""
     grpc_services = [
         ComponentSpec(
             name=name,
@@ -135,22 +143,26 @@ def plan(settings: Settings, layout: StackLayout, services: list[str]) -> list[C
                 (f"{name} metrics", settings.ports.metrics + index),
             ),
             log=layout.log_of(name),
-            env=(("AIMASS_PORTS__METRICS", str(settings.ports.metrics + index)),),
+            env=(
+                ("AIMASS_PORTS__METRICS", str(settings.ports.metrics + index)),
+                *((("AIMASS_CO_LOCATED_GATEWAY", name),) if name == gateway_host else ()),
+            ),
         )
         for index, name in enumerate(services)
     ]
     gateway = ComponentSpec(
         name=GATEWAY,
         kind="http",
-        argv=(sys.executable, "-m", "aimass.gateway"),
+        argv=() if gateway_host else (sys.executable, "-m", "aimass.gateway"),
         address=f"{host}:{settings.ports.gateway}",
         ports=((GATEWAY, settings.ports.gateway),),
-        log=layout.log_of(GATEWAY),
+        log=layout.log_of(gateway_host or GATEWAY),
+        hosted_by=gateway_host,
     )
     # Triton (when the nvidia-pytriton wheel is installed) before routing, which loads into it.
     triton = triton_component(settings, layout)
     workers = [training_worker_component(layout)] if "training" in services else []
-    # The REST gateway (aimass.gateway) last: it proxies to the services.
+    # The REST gateway last: it proxies to the services (or rides in routing's process).
     return [nats, *([triton] if triton else []), *grpc_services, *workers, gateway]
 
 

@@ -290,7 +290,9 @@ def _stop_directly(records: list[ProcessRecord], timeout_s: float) -> list[str]:
     services = [r for r in records if r.kind != "nats"]
     nats = [r for r in records if r.kind == "nats"]
     for group in (services, nats):
-        running = [r for r in group if _group_alive(r)]
+        # One record per process group: a hosted component (the gateway in routing) shares
+        # its host's, and a second SIGTERM could cut the host's drain short.
+        running = list({r.pgid: r for r in group if _group_alive(r)}.values())
         if not running:
             continue
         for record in running:

@@ -4,7 +4,9 @@ Start-up is all or nothing. The supervisor takes the home's lock, refuses to
 run beside a live stack, checks every port before it starts anything, migrates
 the database, starts nats-server and waits for it, then starts the services
 (each in its own process group, output to HOME/logs/<name>.log) and waits until
-each reports SERVING on grpc.health.v1. If any step fails, everything already
+each reports SERVING on grpc.health.v1 (a component hosted by another's process,
+the REST gateway inside routing, is only probed: it shares its host's process,
+restarts and stop). If any step fails, everything already
 started is stopped and the error carries the tail of the failing log.
 
 Once up, a component that exits on its own is restarted with exponential
@@ -25,7 +27,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import IO
 
@@ -159,7 +161,8 @@ class Supervisor:
 
     async def supervise(self, stop: asyncio.Event) -> None:
         """Restarts components that exit on their own, until stop is set."""
-        keepers = [asyncio.create_task(self._keep_alive(m)) for m in self._managed]
+        own = [m for m in self._managed if not m.spec.hosted_by]
+        keepers = [asyncio.create_task(self._keep_alive(m)) for m in own]
         try:
             await stop.wait()
         finally:
@@ -171,7 +174,8 @@ class Supervisor:
     async def stop(self) -> None:
         """Stops the services, then NATS; removes the run state and releases the home."""
         self._stopping = True
-        services = [m for m in self._managed if m.spec.name != NATS]
+        # A hosted component stops with its host's process (one SIGTERM per process).
+        services = [m for m in self._managed if m.spec.name != NATS and not m.spec.hosted_by]
         nats = [m for m in self._managed if m.spec.name == NATS]
         grace = self.settings.shutdown_grace_s + _STOP_MARGIN_S
         await asyncio.gather(*(self._terminate(m, grace) for m in services))
@@ -234,7 +238,8 @@ class Supervisor:
         services = [s for s in specs if s.name != NATS]
         for spec in nats:
             await self._wait_serving(await self._spawn(spec), deadline)
-        started = [await self._spawn(spec) for spec in services]
+        started = [await self._spawn(spec) for spec in services if not spec.hosted_by]
+        started += [self._host(spec) for spec in services if spec.hosted_by]
         waits = [asyncio.create_task(self._wait_serving(m, deadline)) for m in started]
         try:
             await asyncio.gather(*waits)
@@ -274,6 +279,22 @@ class Supervisor:
         self._managed = [m for m in self._managed if m.spec.name != spec.name] + [managed]
         self._progress(f"started {spec.name} (pid {process.pid}){note}")
         return managed
+
+    def _host(self, spec: ComponentSpec) -> Managed:
+        """A component served by another's process: its record is the host's process, under
+        its own name, kind and address (status probes it there)."""
+        host = next(m for m in self._managed if m.spec.name == spec.hosted_by)
+        record = replace(
+            host.record, name=spec.name, kind=spec.kind, address=spec.address, metrics_port=0
+        )
+        managed = Managed(spec, host.process, record, host.started_monotonic)
+        self._managed = [m for m in self._managed if m.spec.name != spec.name] + [managed]
+        return managed
+
+    def _hosted_by(self, host: Managed) -> list[Managed]:
+        """The components ``host``'s process serves, re-derived from its current process."""
+        specs = [m.spec for m in self._managed if m.spec.hosted_by == host.spec.name]
+        return [self._host(spec) for spec in specs]
 
     async def _wait_serving(self, managed: Managed, deadline: float) -> None:
         """Returns once the component is SERVING; raises StartupFailed if it exits or times out."""
@@ -323,8 +344,10 @@ class Supervisor:
             # Children the dead process left in its group could hold its port.
             _kill_group(managed.record.pgid, signal.SIGKILL)
             managed = await self._spawn(managed.spec, restarts)
+            hosted = self._hosted_by(managed)
             write_state(self.layout, self._state())
-            await self._report_restart(managed)
+            for restarted in (managed, *hosted):
+                await self._report_restart(restarted)
 
     async def _report_restart(self, managed: Managed) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
