@@ -18,13 +18,15 @@ then measures from this one client process (closed loop, grpc.aio):
   canary weights (90/10) over 10,000 requests on both paths;
 - the peers of the MLP at concurrency 1/8/32: ONNX Runtime in this process (threads
   calling one session with one intra-op thread, no network), aimass REST (POST :predict
-  through the gateway, JSON with base64 tensors, then the router and Triton), and
+  through the REST gateway co-located in the routing process as `aimass up` runs it,
+  JSON with base64 tensors, then the router and Triton), and
   ``mlflow models serve`` of the same ONNX model (POST /invocations; its own .venv-mlflow,
   see mlflow_peer.py; the row is skipped with the reason printed when that cannot be
   installed). Both HTTP rows use one aiohttp session with keep-alive and the same closed
   loop as the gRPC rows.
 
-Targets are measured in interleaved rounds and the median kept (2 noisy cores).
+Targets are measured in interleaved rounds; rates are medians over rounds and ratios
+medians of the per-round ratios (2 noisy cores).
 ``--profile-router FILE`` runs the routing service under cProfile and writes its stats.
 With ``--out FILE``, every measured figure also goes to FILE with the suffix .json
 (tests/bench/report.py draws the plots from it).
@@ -223,6 +225,19 @@ def threaded_loop(
     return len(latencies) / (time.perf_counter() - began), latencies
 
 
+async def call_counts(metrics_port: int, model: str) -> tuple[float, float]:
+    """(calls the router sent to Triton, requests they carried) for one model entry."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(url) as answer:
+        text = await answer.text()
+    found = {"aimass_server_calls_total": 0.0, "aimass_server_call_requests_total": 0.0}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in found and f'model="{model}"' in rest:
+            found[name] += float(line.rsplit(" ", 1)[1])
+    return found["aimass_server_calls_total"], found["aimass_server_call_requests_total"]
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000
 
@@ -344,7 +359,9 @@ async def start_peers(
 
 
 async def run(quick: bool, profile: Path | None = None) -> tuple[list[str], dict]:
-    seconds, rounds = (1.5, 1) if quick else (4.0, 3)
+    # Many short interleaved rounds: each ratio is the median of per-round ratios, so a
+    # burst of load from elsewhere moves one round's pair, not the figure.
+    seconds, rounds = (1.5, 1) if quick else (2.0, 7)
     canary_n = 2000 if quick else 10_000
     base = Path(tempfile.mkdtemp(prefix="aimass-bench-serving-"))
     nats = NatsServer(base / "nats")
@@ -353,7 +370,10 @@ async def run(quick: bool, profile: Path | None = None) -> tuple[list[str], dict
     triton.start()
     db_url = f"sqlite:///{base / 'aimass.db'}"
     upgrade(db_url)
-    ports = {"registry": free_port(), "routing": free_port(), "gateway": free_port()}
+    ports = {
+        "registry": free_port(), "routing": free_port(), "gateway": free_port(),
+        "routing_metrics": free_port(),
+    }  # fmt: skip
     env = dict(os.environ)
     env.update({
         "AIMASS_HOME": str(base / "home"), "AIMASS_DATABASE_URL": db_url,
@@ -363,13 +383,14 @@ async def run(quick: bool, profile: Path | None = None) -> tuple[list[str], dict
         "AIMASS_PORTS__GATEWAY": str(ports["gateway"]),
         "AIMASS_ROUTING_TRITON_GRPC": triton.grpc_address,
         "AIMASS_ROUTING_TRITON_REPOSITORY": str(triton.repository),
-        "AIMASS_ROUTING_METRICS_PORT": str(free_port()),
+        "AIMASS_ROUTING_METRICS_PORT": str(ports["routing_metrics"]),
     })  # fmt: skip
     ceiling_port = free_port()
+    # The REST gateway rides in routing's process, as `aimass up` runs it.
+    routing_env = {**env, "AIMASS_CO_LOCATED_GATEWAY": "routing"}
     processes = [
         start_service("registry", env, base / "registry.log"),
-        start_service("routing", env, base / "routing.log", profile),
-        start_service("gateway", env, base / "gateway.log"),
+        start_service("routing", routing_env, base / "routing.log", profile),
     ]
     try:
         routing_address = f"127.0.0.1:{ports['routing']}"
@@ -504,18 +525,31 @@ async def measure(
         plan.append(("mlp", "intercepted", concurrency, ceiling_call(ceiling_channels[1])))
     for concurrency in PEER_CONCURRENCY:
         plan += [("mlp", target, concurrency, call) for target, call in peers.calls.items()]
+    merges: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
         for model, target, concurrency, call in plan:
             if model == "transformer" and concurrency == 1 and target == "fast path":
                 continue
+            before = await call_counts(ports["routing_metrics"], names[model])
             results.setdefault((model, target, concurrency), []).append(
                 await asyncio.to_thread(threaded_loop, call, concurrency, seconds)
                 if target == IN_PROCESS
                 else await closed_loop(call, concurrency, seconds)
             )
+            if target == "router":
+                after = await call_counts(ports["routing_metrics"], names[model])
+                calls, requests = after[0] - before[0], after[1] - before[1]
+                merges.setdefault((model, concurrency), []).append(requests / max(calls, 1))
 
     def rate(model: str, target: str, concurrency: int) -> float:
         return statistics.median(r for r, _ in results[(model, target, concurrency)])
+
+    def ratio(model: str, target: str, base: str, concurrency: int) -> float:
+        """Median over rounds of target/base measured side by side in the same round."""
+        pairs = zip(
+            results[(model, target, concurrency)], results[(model, base, concurrency)], strict=True
+        )
+        return statistics.median(t / b for (t, _), (b, _) in pairs)
 
     def lat(model: str, target: str, q: float) -> float:
         return statistics.median(pct(lats, q) for _, lats in results[(model, target, 1)])
@@ -555,13 +589,13 @@ async def measure(
             )
             rows.append(
                 f"| {model}: fast path / direct, c={concurrency} |"
-                f" {rate(model, 'fast path', concurrency) / base_rate:.2f}x"
+                f" {ratio(model, 'fast path', 'direct', concurrency):.2f}x"
                 f" ({rate(model, 'fast path', concurrency):,.0f} req/s) |"
                 f" {'>= 0.95' if concurrency == 32 else ''} |"
             )
             rows.append(
                 f"| {model}: router / direct, c={concurrency} |"
-                f" {rate(model, 'router', concurrency) / base_rate:.2f}x"
+                f" {ratio(model, 'router', 'direct', concurrency):.2f}x"
                 f" ({rate(model, 'router', concurrency):,.0f} req/s) |"
                 f" {'>= 0.85' if (model, concurrency) == ('transformer', 16) else ''} |"
             )
@@ -569,13 +603,18 @@ async def measure(
         ceiling_rate = rate("mlp", "ceiling", concurrency)
         rows.append(
             f"| mlp: router / do-nothing grpc.aio server, c={concurrency} |"
-            f" {rate('mlp', 'router', concurrency) / ceiling_rate:.2f}x"
+            f" {ratio('mlp', 'router', 'ceiling', concurrency):.2f}x"
             f" (ceiling {ceiling_rate:,.0f} req/s) | >= 0.6 |"
         )
         rows.append(
             f"| do-nothing server with aimass's interceptor / without, c={concurrency} |"
-            f" {rate('mlp', 'intercepted', concurrency) / ceiling_rate:.2f}x"
+            f" {ratio('mlp', 'intercepted', 'ceiling', concurrency):.2f}x"
             f" ({rate('mlp', 'intercepted', concurrency):,.0f} req/s) | (cost of the interceptor) |"
+        )
+    for (model, concurrency), merged in sorted(merges.items()):
+        rows.append(
+            f"| {model}: router, requests per Triton call (coalescing), c={concurrency} |"
+            f" {statistics.median(merged):.2f} | |"
         )
     for q, goal in ((50, "<= 1 ms"), (99, "<= 3 ms")):
         added = lat("mlp", "router", q) - lat("mlp", "direct", q)
