@@ -71,19 +71,18 @@ from tests.routing.conftest import RoutingStack, TritonProcess
 CEILING_SERVER = """
 import asyncio, sys, grpc
 async def main():
-    interceptors = []
-    if sys.argv[3] == "intercepted":  # what every aimass service runs (see run_service)
-        from aimass.core.interceptors import AimassServerInterceptor
+    server = registration = grpc.aio.server()
+    if sys.argv[3] == "intercepted":  # the wrapper every aimass service registers (server.py)
+        from aimass.core.interceptors import AimassServerInterceptor, InterceptedRegistration
         from aimass.core.settings import TracingSettings
         from aimass.core.telemetry import configure_tracing
         configure_tracing("routing", TracingSettings())
-        interceptors = [AimassServerInterceptor("routing")]
-    server = grpc.aio.server(interceptors=interceptors)
+        registration = InterceptedRegistration(server, AimassServerInterceptor("routing"))
     answer = bytes.fromhex(sys.argv[2])
     async def handle(request, context):
         return answer
     handler = grpc.unary_unary_rpc_method_handler(handle)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+    registration.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "aimass.routing.v1.PredictionService", {"Predict": handler}),))
     server.add_insecure_port("127.0.0.1:" + sys.argv[1])
     await server.start()

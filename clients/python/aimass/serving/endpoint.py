@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ NUMPY_TO_KSERVE = {
     "float64": "FP64",
 }
 KSERVE_TO_NUMPY = {v: k for k, v in NUMPY_TO_KSERVE.items()}
+_BIG_ENDIAN = sys.byteorder == "big"
+# Keyed by dtype object: ``dtype.name`` runs numpy's Python code on every call.
+_DTYPE_TO_KSERVE = {np.dtype(name): kserve for name, kserve in NUMPY_TO_KSERVE.items()}
+_KSERVE_TO_DTYPE = {
+    kserve: np.dtype(name).newbyteorder("<") for name, kserve in NUMPY_TO_KSERVE.items()
+}
 
 
 @dataclass(frozen=True)
@@ -77,13 +84,15 @@ def encode_request(
     request = pb.PredictRequest(id=request_id)
     for name, value in inputs.items():
         array = np.ascontiguousarray(value)
-        datatype = NUMPY_TO_KSERVE.get(array.dtype.name)
+        datatype = _DTYPE_TO_KSERVE.get(array.dtype.newbyteorder("="))
         if datatype is None:
             raise ValueError(f"inputs[{name!r}]: dtype {array.dtype} has no KServe datatype")
         request.inputs.append(
             common_pb2.InferTensor(name=name, datatype=datatype, shape=array.shape)
         )
-        request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+        if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and _BIG_ENDIAN):
+            array = array.astype(array.dtype.newbyteorder("<"))
+        request.raw_input_contents.append(array.tobytes())
     for name in outputs:
         request.outputs.append(pb.RequestedOutput(name=name))
     return request
@@ -92,7 +101,7 @@ def encode_request(
 def decode_response(response: pb.PredictResponse) -> dict[str, np.ndarray]:
     out = {}
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=False):
-        dtype = np.dtype(KSERVE_TO_NUMPY[tensor.datatype]).newbyteorder("<")
+        dtype = _KSERVE_TO_DTYPE[tensor.datatype]
         out[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.shape))
     return out
 
@@ -145,6 +154,8 @@ class _Routes:
         return routes
 
     def pick(self, routing_key: str) -> str | None:
+        if len(self.versions) == 1:
+            return self.versions[0]
         if not self.bounds:
             return None
         point = _sticky_point(routing_key) if routing_key else random.random() * 100.0
@@ -276,10 +287,14 @@ class Endpoint:
     ) -> Prediction:
         """One inference: direct to Triton when the table allows, else through the router."""
         request = encode_request(inputs, outputs=outputs)
-        response, via_router = await self.predict_request(
-            request, routing_key=routing_key, model_version=model_version, timeout_s=timeout_s
-        )
-        return Prediction(decode_response(response), response.model_version, via_router)
+        routes = self._routes
+        version = model_version or (routes.pick(routing_key) if routes else None)
+        if routes is not None and version is not None:
+            raw = await self._direct(routes, version, request.SerializeToString(), timeout_s)
+            if raw is not None:
+                return Prediction(decode_response(pb.PredictResponse.FromString(raw)), version)
+        response = await self._via_router(request, routing_key, model_version, timeout_s)
+        return Prediction(decode_response(response), response.model_version, True)
 
     async def predict_request(
         self,
@@ -293,32 +308,48 @@ class Endpoint:
         routes = self._routes
         version = model_version or (routes.pick(routing_key) if routes else None)
         if routes is not None and version is not None:
-            timeout = timeout_s or routes.timeout_s
-            # Fields 1 and 2 appended: a parser keeps the last value, so these name the entry.
-            payload = request.SerializeToString()
-            for _ in range(routes.table.max_retries + 1):
-                chosen = self._choose(routes, version)
-                if chosen is None:
-                    break
-                names, target = chosen
-                target.outstanding += 1
-                try:
-                    raw = await target.infer(payload + names, timeout=timeout)
-                except grpc.aio.AioRpcError as err:
-                    if err.code() not in FALLBACK_CODES:
-                        raise
-                    target.ejected_until = time.monotonic() + EJECT_S
-                    continue
-                finally:
-                    target.outstanding -= 1
-                self.direct_calls += 1
+            raw = await self._direct(routes, version, request.SerializeToString(), timeout_s)
+            if raw is not None:
                 response = pb.PredictResponse.FromString(raw)
                 response.deployment = self.deployment
                 response.model_version = version
                 return response, False
+        return await self._via_router(request, routing_key, model_version, timeout_s), True
+
+    async def _direct(
+        self, routes: _Routes, version: str, payload: bytes, timeout_s: float | None
+    ) -> bytes | None:
+        """Triton's answer from a server holding ``version``; None: ask the router."""
+        timeout = timeout_s or routes.timeout_s
+        for _ in range(routes.table.max_retries + 1):
+            chosen = self._choose(routes, version)
+            if chosen is None:
+                return None
+            names, target = chosen
+            target.outstanding += 1
+            try:
+                # Fields 1 and 2 appended: a parser keeps the last value, so these name the entry.
+                raw = await target.infer(payload + names, timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in FALLBACK_CODES:
+                    raise
+                target.ejected_until = time.monotonic() + EJECT_S
+                continue
+            finally:
+                target.outstanding -= 1
+            self.direct_calls += 1
+            return raw
+        return None
+
+    async def _via_router(
+        self,
+        request: pb.PredictRequest,
+        routing_key: str,
+        model_version: str,
+        timeout_s: float | None,
+    ) -> pb.PredictResponse:
         request.deployment = self.deployment
         request.model_version = model_version
         request.routing_key = routing_key
         self.router_calls += 1
-        response = await self._prediction.Predict(request, timeout=timeout_s)
-        return response, True
+        return await self._prediction.Predict(request, timeout=timeout_s)
