@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_IN_FLIGHT = 1
 # (input names, requested output names): requests merge only with the same layout.
 LayoutKey = tuple[tuple[str, ...], tuple[str, ...]]
-Send = Callable[[bytes, float], Awaitable[bytes]]
+# gRPC metadata sent with a call (a lone traced request's traceparent).
+Metadata = tuple[tuple[str, str], ...] | None
+Send = Callable[[bytes, float, Metadata], Awaitable[bytes]]
 
 
 def layout_of(request: pb.PredictRequest) -> tuple[LayoutKey, int] | None:
@@ -77,6 +79,7 @@ class _Member:
     rows: int
     deadline: float
     future: asyncio.Future[bytes]
+    metadata: Metadata = None
 
 
 class Coalescer:
@@ -98,24 +101,32 @@ class Coalescer:
         self.requests = 0
 
     async def call(
-        self, request: pb.PredictRequest, forward: bytes, rows: int, deadline: float
+        self,
+        request: pb.PredictRequest,
+        forward: bytes,
+        rows: int,
+        deadline: float,
+        metadata: Metadata = None,
     ) -> bytes:
-        """The server's answer (Triton's bytes) to ``request``, alone or merged with others."""
+        """The server's answer (Triton's bytes) to ``request``, alone or merged with others.
+
+        ``metadata`` goes with the request when it is sent alone (a traced caller's
+        ``traceparent``); a merged call carries none."""
         if self.disabled or (self.in_flight < self.max_in_flight and not self._queue):
-            return await self._alone(forward, deadline)
+            return await self._alone(forward, deadline, metadata)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Member(request, forward, rows, deadline, future))
+        self._queue.append(_Member(request, forward, rows, deadline, future, metadata))
         self._queued_rows += rows
         if self._queued_rows >= self.max_rows:
             self._start_batch()  # a full batch gains nothing by waiting for a free slot
         return await future
 
-    async def _alone(self, forward: bytes, deadline: float) -> bytes:
+    async def _alone(self, forward: bytes, deadline: float, metadata: Metadata) -> bytes:
         self.in_flight += 1
         self.calls += 1
         self.requests += 1
         try:
-            return await self._send(forward, deadline - time.monotonic())
+            return await self._send(forward, deadline - time.monotonic(), metadata)
         finally:
             self.in_flight -= 1
             self._drain_soon()
@@ -154,7 +165,8 @@ class Coalescer:
         try:
             timeout = max(m.deadline for m in members) - time.monotonic()
             if len(members) == 1:
-                answers = [await self._send(members[0].forward, timeout)]
+                alone = members[0]
+                answers = [await self._send(alone.forward, timeout, alone.metadata)]
             else:
                 answers = await self._send_merged(members, rows, timeout)
             for member, answer in zip(members, answers, strict=True):
@@ -174,14 +186,17 @@ class Coalescer:
 
     async def _send_merged(self, members: list[_Member], rows: int, seconds: float) -> list[bytes]:
         merged = merge_requests([m.request for m in members], rows) + self._suffix
-        answer = await self._send(merged, seconds)
+        # No trace context: the call serves several callers' traces.
+        answer = await self._send(merged, seconds, None)
         try:
             return split_response(answer, members, rows)
         except Unsplittable as error:
             # Not a model to merge for: every member asks alone, now and from now on.
             log.warning("%s; requests to this model are no longer merged", error)
             self.disabled = True
-            return list(await asyncio.gather(*(self._send(m.forward, seconds) for m in members)))
+            return list(
+                await asyncio.gather(*(self._send(m.forward, seconds, m.metadata) for m in members))
+            )
 
 
 def merge_requests(requests: list[pb.PredictRequest], rows: int) -> bytes:

@@ -26,7 +26,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -49,7 +49,7 @@ from aimass.core.telemetry import inject_headers
 from aimass.core.triton.s3_repository import parse_s3_repository
 from aimass.events.v1 import events_pb2
 from aimass.routing.backends import BACKEND_LABEL, UpstreamError, make_backend
-from aimass.routing.coalesce import Coalescer, LayoutKey, layout_of
+from aimass.routing.coalesce import Coalescer, LayoutKey, Metadata, layout_of
 from aimass.routing.config import RoutingConfig
 from aimass.routing.metrics import RoutingMetrics
 from aimass.routing.plan import LoadedModel, Plan, ServerRuntime, serving_options
@@ -844,17 +844,15 @@ class Router:
                 loaded.in_flight += 1
                 loaded.last_used = time.monotonic()
             try:
-                if layout is not None and not trace.get_current_span().is_recording():
-                    return await self._coalesced(
-                        plan,
-                        server,
-                        (model, suffix),
-                        request,
-                        layout,
-                        forward,
-                        remaining,  # type: ignore[arg-type]
-                    )
-                return await self._call(plan, version, server, model, forward, remaining)
+                return await self._call(
+                    plan,
+                    version,
+                    server,
+                    model,
+                    self._sender(
+                        plan, server, (model, suffix), request, layout, forward, remaining
+                    ),
+                )
             except UpstreamError as err:
                 if err.code != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -869,27 +867,28 @@ class Router:
             raise last_error
         raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{plan.name}: deadline exceeded")
 
-    async def _coalesced(
+    def _sender(
         self,
         plan: Plan,
         server: ServerRuntime,
         entry: tuple[str, bytes],
-        request: pb.PredictRequest,
-        layout: tuple[LayoutKey, int],
+        request: pb.PredictRequest | None,
+        layout: tuple[LayoutKey, int] | None,
         forward: bytes,
         timeout_s: float,
-    ) -> bytes:
-        """One call through the model's coalescer on ``server`` (see aimass.routing.coalesce).
-
-        Traced requests skip it: each keeps its own Triton call span and context.
-        """
-        (model, suffix), (key, rows) = entry, layout
+    ) -> Callable[[Metadata], Awaitable[bytes]]:
+        """How this request reaches ``server``: through the model's coalescer when it can be
+        merged with others (see aimass.routing.coalesce), else as its own call."""
+        model, suffix = entry
+        backend = server.backend
+        if layout is None or request is None:
+            return lambda metadata: backend.call(model, forward, timeout_s, metadata)
+        key, rows = layout
         coalescer = server.coalescers.get((model, key))
         if coalescer is None:
-            backend = server.backend
 
-            async def send(body: bytes, seconds: float) -> bytes:
-                return await backend.call(model, body, seconds)
+            async def send(body: bytes, seconds: float, metadata: Metadata) -> bytes:
+                return await backend.call(model, body, seconds, metadata)
 
             coalescer = server.coalescers[(model, key)] = Coalescer(
                 send,
@@ -898,7 +897,8 @@ class Router:
                 # Each instance of the model can run a batch at once.
                 self.config.coalesce_max_in_flight * plan.options.instance_count,
             )
-        return await coalescer.call(request, forward, rows, time.monotonic() + timeout_s)
+        deadline = time.monotonic() + timeout_s
+        return lambda metadata: coalescer.call(request, forward, rows, deadline, metadata)
 
     async def _call(
         self,
@@ -906,16 +906,16 @@ class Router:
         version: str,
         server: ServerRuntime,
         model: str,
-        request: bytes,
-        timeout_s: float,
+        send: Callable[[Metadata], Awaitable[bytes]],
     ) -> bytes:
         """One call to a server, in a CLIENT span (child of the Predict span) when tracing.
 
         The span's context goes to Triton as W3C ``traceparent`` metadata, so a
-        Triton with OpenTelemetry tracing continues the same trace.
+        Triton with OpenTelemetry tracing continues the same trace (a merged call,
+        serving several traces, carries none; each caller still has its span).
         """
         if not trace.get_current_span().is_recording():
-            return await server.backend.call(model, request, timeout_s)
+            return await send(None)
         with _TRACER.start_as_current_span(
             "triton ModelInfer",
             kind=SpanKind.CLIENT,
@@ -931,9 +931,7 @@ class Router:
             },
         ) as span:
             try:
-                return await server.backend.call(
-                    model, request, timeout_s, tuple(inject_headers().items())
-                )
+                return await send(tuple(inject_headers().items()))
             except UpstreamError as err:
                 span.set_status(Status(StatusCode.ERROR, err.code.name))
                 span.set_attribute("rpc.grpc.status_code", err.code.value[0])

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,34 @@ def test_killed_service_is_restarted_and_serves_again(stack: Stack) -> None:
     log = (stack.home / "logs" / "supervisor.log").read_text()
     assert "restarting" in log
     assert "evaluation" in log
+
+
+def test_killed_routing_comes_back_with_the_gateway_it_hosts(stack: Stack) -> None:
+    """The REST gateway rides in routing's process: when routing dies, the supervisor's
+    restart brings REST back too, and status shows the gateway at the new pid."""
+    _, before = status_json(stack)
+    old = components(before)
+    assert old["gateway"]["pid"] == old["routing"]["pid"]
+    os.kill(old["routing"]["pid"], signal.SIGKILL)
+
+    deadline = time.monotonic() + RESTART_DEADLINE_S
+    rows = old
+    while time.monotonic() < deadline:
+        code, status = status_json(stack)
+        rows = components(status)
+        fresh = rows["routing"]["pid"] != old["routing"]["pid"]
+        if code == 0 and fresh and rows["gateway"]["state"] == "SERVING":
+            break
+        time.sleep(0.5)
+
+    assert rows["routing"]["pid"] != old["routing"]["pid"]
+    assert rows["gateway"]["pid"] == rows["routing"]["pid"]
+    assert rows["gateway"]["state"] == "SERVING"
+    url = f"http://{rows['gateway']['address']}/v1/deployments"
+    with urllib.request.urlopen(url, timeout=10) as answer:  # served in routing, in process
+        assert answer.status == 200
+        assert answer.headers["x-aimass-rpc"].endswith("/ListDeployments")
+        assert isinstance(json.loads(answer.read()), dict)
 
 
 def test_down_leaves_no_process_and_status_then_exits_3(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from aimass.common.v1 import common_pb2
 from aimass.routing.backends import UpstreamError
-from aimass.routing.coalesce import Coalescer, layout_of
+from aimass.routing.coalesce import Coalescer, Metadata, layout_of
 from aimass.routing.v1 import routing_pb2 as pb
 from aimass.routing.wire import string_field
 
@@ -55,13 +55,15 @@ class Server:
     def __init__(self, hold_first: bool = True, scalar_output: bool = False) -> None:
         """``scalar_output``: merged calls are answered with one value, not one per row."""
         self.bodies: list[bytes] = []
+        self.metadata: list[Metadata] = []
         self.gate = asyncio.Event()
         self.hold_first = hold_first
         self.scalar_output = scalar_output
         self.fail_merged: Exception | None = None
 
-    async def send(self, body: bytes, seconds: float) -> bytes:
+    async def send(self, body: bytes, seconds: float, metadata: Metadata = None) -> bytes:
         self.bodies.append(body)
+        self.metadata.append(metadata)
         if self.hold_first and len(self.bodies) == 1:
             await self.gate.wait()
         rows = pb.PredictRequest.FromString(body).inputs[0].shape[0]
@@ -74,12 +76,14 @@ class Server:
         return [pb.PredictRequest.FromString(b).inputs[0].shape[0] for b in self.bodies]
 
 
-def call(coalescer: Coalescer, values: np.ndarray, request_id: str) -> asyncio.Task[bytes]:
+def call(
+    coalescer: Coalescer, values: np.ndarray, request_id: str, metadata: Metadata = None
+) -> asyncio.Task[bytes]:
     request = request_of(values, request_id)
     forward = request.SerializeToString() + SUFFIX
     rows = values.shape[0]
     deadline = time.monotonic() + 5
-    return asyncio.create_task(coalescer.call(request, forward, rows, deadline))
+    return asyncio.create_task(coalescer.call(request, forward, rows, deadline, metadata))
 
 
 def output(raw: bytes) -> tuple[str, np.ndarray]:
@@ -208,6 +212,27 @@ async def test_an_answer_without_batch_rows_turns_merging_off():
         np.testing.assert_allclose(output(await task)[1], model(values), rtol=1e-6)
     assert coalescer.disabled
     assert server.rows_sent() == [1, 2, 1, 1]
+
+
+async def test_trace_context_goes_with_a_lone_call_and_never_with_a_merged_one():
+    server = Server()
+    coalescer = Coalescer(server.send, SUFFIX, max_rows=16, max_in_flight=1)
+    first, *queued = batches(np.random.default_rng(5), [1, 1, 1, 1])
+
+    def traced(name: str) -> Metadata:
+        return (("traceparent", f"00-{name:0>32}-{name:0>16}-01"),)
+
+    busy = call(coalescer, first, "first", traced("a"))
+    await settle()
+    merged = [call(coalescer, v, f"m{i}", traced(f"b{i}")) for i, v in enumerate(queued[:2])]
+    await settle()
+    server.gate.set()
+    await asyncio.gather(busy, *merged)
+    await call(coalescer, queued[2], "last", traced("c"))
+
+    assert server.rows_sent() == [1, 2, 1]
+    # Alone: the caller's context; merged (two traces at once): none.
+    assert server.metadata == [traced("a"), None, traced("c")]
 
 
 def test_only_plain_raw_requests_with_one_batch_size_can_be_merged():
