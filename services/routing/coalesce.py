@@ -10,12 +10,14 @@ A :class:`Coalescer` (one per server, model entry and tensor layout) sends a
 request straight through while fewer than ``max_in_flight`` calls to that
 model are outstanding (the router's setting times the model's instance
 count), so a lone request waits for nothing. Requests that arrive while the
-model is busy queue here, and every time a call returns, the queue leaves as
-one request: the inputs' raw bytes concatenated along the batch dimension (at
-most the deployment's ``max_batch_size`` rows), and the answer cut back into
-one response per caller, with its own id and batch size. The batch size thus
-follows the load, with no timer: the busier the model, the bigger the
-batches and the fewer calls per request.
+model is busy queue here, and every time a call returns the queue leaves as
+one request, after waiting up to the deployment's dynamic-batching
+``max_queue_delay`` for more unless it is full: the inputs' raw bytes
+concatenated along the batch dimension (at most the deployment's
+``max_batch_size`` rows), and the answer cut back into one response per
+caller, with its own id and batch size. The batch size thus follows the load:
+the busier the model, the bigger the batches and the fewer calls per request,
+and a request that did not have to queue never waits.
 
 Only requests with the same inputs (names and order), the same requested
 outputs, raw contents, no parameters and fixed-size types are merged, and
@@ -85,11 +87,20 @@ class _Member:
 class Coalescer:
     """Merges queued requests of one model and layout into batched calls (module docstring)."""
 
-    def __init__(self, send: Send, model_suffix: bytes, max_rows: int, max_in_flight: int) -> None:
+    def __init__(
+        self,
+        send: Send,
+        model_suffix: bytes,
+        max_rows: int,
+        max_in_flight: int,
+        linger_s: float = 0.0,
+    ) -> None:
         self._send = send
         self._suffix = model_suffix
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight
+        # How long a queue that is not full may wait for more once the model is free.
+        self.linger_s = linger_s
         self.in_flight = 0
         self._queue: deque[_Member] = deque()
         self._queued_rows = 0
@@ -132,11 +143,16 @@ class Coalescer:
             self._drain_soon()
 
     def _drain_soon(self) -> None:
-        """Drains after the callbacks already due have run: requests that arrived with this
-        answer's wake-up join the next batch instead of following it alone."""
-        if not self._drain_scheduled:
+        """Sends what queued once the callbacks already due have run, or after ``linger_s``:
+        requests arriving meanwhile join the batch instead of following it alone. Only
+        requests that already queue wait: at low load nothing lingers."""
+        if not self._drain_scheduled and self._queue:
             self._drain_scheduled = True
-            asyncio.get_running_loop().call_soon(self._drain)
+            loop = asyncio.get_running_loop()
+            if self.linger_s > 0:
+                loop.call_later(self.linger_s, self._drain)
+            else:
+                loop.call_soon(self._drain)
 
     def _drain(self) -> None:
         self._drain_scheduled = False

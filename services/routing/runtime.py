@@ -896,6 +896,8 @@ class Router:
                 plan.options.max_batch_size,
                 # Each instance of the model can run a batch at once.
                 self.config.coalesce_max_in_flight * plan.options.instance_count,
+                # The delay the deployment grants batching (Triton's max_queue_delay).
+                plan.options.max_queue_delay_us / 1e6 if plan.options.dynamic_batching else 0.0,
             )
         deadline = time.monotonic() + timeout_s
         return lambda metadata: coalescer.call(request, forward, rows, deadline, metadata)

@@ -389,29 +389,22 @@ async def predict_throughput(
     results = {}
     for concurrency in concurrencies:
         samples: dict[str, list[float]] = {name: [] for name in PredictFigures.__annotations__}
+        # (round, process whose CPU is counted, figures it fills), in interleaving order.
+        paths = (
+            (grpc_predict_round, ports["routing"], routing, ("grpc_rps", "routing_grpc_us")),
+            (rest_predict_round, ports["co_located"], routing, ("local_rps", "routing_local_us")),
+            (rest_predict_round, ports["gateway"], gateway, ("hop_rps", "gateway_us")),
+        )
         for _ in range(rounds):
-            # Every round: requests + 1 calls (the warm-up call included) per path.
-            rps, us = await cpu_per_call(
-                routing,
-                requests,
-                grpc_predict_round(ports["routing"], key, deployment, concurrency, requests),
-            )
-            samples["grpc_rps"].append(rps)
-            samples["routing_grpc_us"].append(us)
-            rps, us = await cpu_per_call(
-                routing,
-                requests,
-                rest_predict_round(ports["co_located"], key, deployment, concurrency, requests),
-            )
-            samples["local_rps"].append(rps)
-            samples["routing_local_us"].append(us)
-            rps, us = await cpu_per_call(
-                gateway,
-                requests,
-                rest_predict_round(ports["gateway"], key, deployment, concurrency, requests),
-            )
-            samples["hop_rps"].append(rps)
-            samples["gateway_us"].append(us)
+            for predict_round, port, process, (rate_name, cpu_name) in paths:
+                # requests + 1 calls (the warm-up call included) per path and round.
+                rps, us = await cpu_per_call(
+                    process,
+                    requests,
+                    predict_round(port, key, deployment, concurrency, requests),
+                )
+                samples[rate_name].append(rps)
+                samples[cpu_name].append(us)
         results[concurrency] = PredictFigures(
             **{name: statistics.median(values) for name, values in samples.items()}
         )

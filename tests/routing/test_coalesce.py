@@ -101,6 +101,19 @@ def batches(rng: np.random.Generator, rows: list[int]) -> list[np.ndarray]:
     return [rng.random((n, 4), dtype=np.float32) for n in rows]
 
 
+async def queue_behind_a_busy_call(
+    coalescer: Coalescer, rows: list[int], seed: int
+) -> tuple[list[np.ndarray], list[asyncio.Task[bytes]]]:
+    """A first call held at the server, then one queued call per further entry of ``rows``:
+    the arrays and their tasks, first included (release with ``server.gate.set()``)."""
+    values = batches(np.random.default_rng(seed), rows)
+    tasks = [call(coalescer, values[0], "first")]
+    await settle()
+    tasks += [call(coalescer, v, f"q{i}") for i, v in enumerate(values[1:])]
+    await settle()
+    return values, tasks
+
+
 async def test_a_lone_request_goes_as_it_came():
     server = Server(hold_first=False)
     coalescer = Coalescer(server.send, SUFFIX, max_rows=16, max_in_flight=1)
@@ -118,14 +131,10 @@ async def test_a_lone_request_goes_as_it_came():
 async def test_requests_queued_while_the_model_is_busy_leave_as_one_batch():
     server = Server()
     coalescer = Coalescer(server.send, SUFFIX, max_rows=16, max_in_flight=1)
-    first, *queued = batches(np.random.default_rng(0), [1, 1, 2, 1])
-    busy = call(coalescer, first, "first")
-    await settle()
-    tasks = [call(coalescer, values, f"queued-{i}") for i, values in enumerate(queued)]
-    await settle()
+    (first, *queued), tasks = await queue_behind_a_busy_call(coalescer, [1, 1, 2, 1], seed=0)
     assert len(server.bodies) == 1  # the others wait while the model is busy
     server.gate.set()
-    answers = await asyncio.gather(busy, *tasks)
+    answers = await asyncio.gather(*tasks)
 
     assert server.rows_sent() == [1, 4]  # 1 + 2 + 1 rows merged into one call
     merged = pb.PredictRequest.FromString(server.bodies[1])
@@ -134,13 +143,37 @@ async def test_requests_queued_while_the_model_is_busy_leave_as_one_batch():
     for (request_id, out), values, expected_id in zip(
         map(output, answers),
         [first, *queued],
-        ["first", "queued-0", "queued-1", "queued-2"],
+        ["first", "q0", "q1", "q2"],
         strict=True,
     ):
         assert request_id == expected_id
         assert out.shape == (values.shape[0], 2)
         np.testing.assert_allclose(out, model(values), rtol=1e-6)
     assert (coalescer.calls, coalescer.requests) == (2, 4)
+
+
+async def test_a_queue_lingers_for_more_once_the_model_is_free_unless_it_is_full():
+    server = Server()
+    coalescer = Coalescer(server.send, SUFFIX, max_rows=3, max_in_flight=1, linger_s=0.2)
+    (_, early), tasks = await queue_behind_a_busy_call(coalescer, [1, 1], seed=6)
+    server.gate.set()
+    await tasks[0]
+    await settle()
+    assert server.rows_sent() == [1]  # the model is free, but the queued row waits a while
+    late = batches(np.random.default_rng(7), [1])[0]
+    tasks.append(call(coalescer, late, "late"))
+    answers = await asyncio.gather(*tasks)
+    assert server.rows_sent() == [1, 2]  # the late request rode with the early one
+    for raw, values in zip(answers[1:], [early, late], strict=True):
+        np.testing.assert_allclose(output(raw)[1], model(values), rtol=1e-6)
+
+    # A full batch does not linger: three rows leave at once, the model still busy.
+    held = Server()
+    coalescer = Coalescer(held.send, SUFFIX, max_rows=3, max_in_flight=1, linger_s=60)
+    _, tasks = await queue_behind_a_busy_call(coalescer, [1, 1, 1, 1], seed=8)
+    assert held.rows_sent() == [1, 3]
+    held.gate.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
 
 
 async def test_a_merged_call_never_exceeds_max_batch_size():
@@ -183,11 +216,7 @@ async def test_a_failed_merged_call_fails_each_of_its_callers():
     server = Server()
     server.fail_merged = UpstreamError(grpc.StatusCode.UNAVAILABLE, "mlp-v1-entry: gone")
     coalescer = Coalescer(server.send, SUFFIX, max_rows=16, max_in_flight=1)
-    first, *queued = batches(np.random.default_rng(3), [1, 1, 1])
-    busy = call(coalescer, first, "first")
-    await settle()
-    tasks = [call(coalescer, values, f"q{i}") for i, values in enumerate(queued)]
-    await settle()
+    _, (busy, *tasks) = await queue_behind_a_busy_call(coalescer, [1, 1, 1], seed=3)
     server.gate.set()
     await busy
     for task in tasks:
@@ -200,11 +229,7 @@ async def test_a_failed_merged_call_fails_each_of_its_callers():
 async def test_an_answer_without_batch_rows_turns_merging_off():
     server = Server(scalar_output=True)
     coalescer = Coalescer(server.send, SUFFIX, max_rows=16, max_in_flight=1)
-    first, *queued = batches(np.random.default_rng(4), [1, 1, 1])
-    busy = call(coalescer, first, "first")
-    await settle()
-    tasks = [call(coalescer, values, f"q{i}") for i, values in enumerate(queued)]
-    await settle()
+    (_, *queued), (busy, *tasks) = await queue_behind_a_busy_call(coalescer, [1, 1, 1], seed=4)
     server.gate.set()
     await busy
     for task, values in zip(tasks, queued, strict=True):
