@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,20 @@ class Secured:
 
     def url(self, path: str) -> str:
         return self.gateway_url + path
+
+
+async def assert_throttled(send: Callable[[], Awaitable[aiohttp.ClientResponse]]) -> None:
+    """Three calls of a key allowed 0.2 per second: the first passes, a later one gets 429
+    with a Retry-After of at least a second."""
+    statuses, retry_after = [], None
+    for _ in range(3):
+        async with await send() as reply:
+            statuses.append(reply.status)
+            retry_after = reply.headers.get("Retry-After", retry_after)
+    assert statuses[0] == 200
+    assert 429 in statuses
+    assert retry_after is not None
+    assert int(retry_after) >= 1
 
 
 def _claims(claims: dict[str, Any]) -> dict[str, Any]:
